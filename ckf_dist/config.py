@@ -1,0 +1,294 @@
+"""One typed config tree for every ckf_dist job, loaded with OmegaConf.
+
+``load_config(["--config", "configs/x.yaml", "training.max_steps=100"])`` merges, in order: the dataclass
+defaults (the embedded CPU default), the YAML file, then CLI dotlist overrides. An unknown or mistyped key
+fails at once with a ``ConfigError`` naming the key (OmegaConf's struct mode does the checking); values that
+type-check but make no sense (a negative rank, an unknown task) fail in ``validate``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+TASKS = ("ctr", "topk", "rating", "explanation")
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message names it."""
+
+
+@dataclass
+class S3Config:
+    """Where ``s3://`` paths live. Empty values fall back to the usual AWS environment variables
+    (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION)."""
+
+    endpoint_url: str = ""
+    region: str = ""
+    access_key_id: str = ""
+    secret_access_key: str = ""
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | movielens-100k
+    raw_path: str = ""  # folder of the raw files for real sources (e.g. ../shared/data/ml-100k)
+    # Prepared shards: a local folder or s3://bucket/prefix. "" = ~/.cache/ckf_dist/data/<source>.
+    path: str = ""
+    prepare_if_missing: bool = True
+    # Synthetic generator (planted latent structure).
+    num_users: int = 300
+    num_items: int = 200
+    num_clusters: int = 4
+    interactions_per_user: int = 24
+    # Prompt construction.
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    history_len: int = 6  # items of history shown in a prompt (most recent first-cut)
+    num_candidates: int = 5  # top-K candidate list size (1 positive + K-1 negatives)
+    cold_user_max_interactions: int = 5  # users with <= this many interactions are flagged cold
+    test_per_user: int = 1  # last N interactions per user held out for test, the N before for valid
+    rows_per_shard: int = 5000
+    max_seq_len: int = 192  # tokens; longer prompts are cut from the left of the history, never the answer
+    seed: int = 0
+    s3: S3Config = field(default_factory=S3Config)
+
+
+@dataclass
+class TinyModelConfig:
+    """A random-initialised LLaMA for CPU runs and tests."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 128
+    vocab_size: int = 1024  # BPE vocabulary trained on the item titles and prompt templates
+
+
+@dataclass
+class ModelConfig:
+    source: str = "tiny"  # tiny | hf (local HF folder) | gguf (a .gguf file or a folder holding one)
+    path: str = ""
+    gguf_file: str = ""
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+
+@dataclass
+class CFConfig:
+    dim: int = 8
+    # Embedding artifact root (local or s3://); "" = <data.path>/cf.
+    embeddings_path: str = ""
+    model: str = "mf"  # mf | lightgcn (the CF job, issue 4)
+    pooling: str = "mean"  # mean | attention
+    meta_hidden: int = 32
+    meta_activation: str = "none"  # none | relu
+    identity_mapping: bool = False  # ablation: W_u = I (no meta-network)
+    # Built-in quick MF fit used when no embedding version exists yet.
+    bootstrap_epochs: int = 30
+    refresh_check_every_steps: int = 0  # 0 = never look for a newer version during training
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 16
+    alpha: float = 64.0
+    dropout: float = 0.1
+    shared_targets: list[str] = field(default_factory=lambda: ["k_proj", "v_proj", "o_proj"])
+    task_targets: list[str] = field(default_factory=lambda: ["q_proj"])
+    impl: str = "auto"  # auto | torch | triton  (batched per-task LoRA implementation)
+
+
+@dataclass
+class TrainingConfig:
+    max_steps: int = 300
+    batch_size: int = 16  # rows (samples) per worker per step, before the text/hybrid doubling
+    lr: float = 1e-3
+    weight_decay: float = 1e-3
+    warmup_ratio: float = 0.05
+    grad_clip: float = 0.3
+    curriculum: str = "sigmoid"  # sigmoid | constant | two_stage | hybrid_only | text_only
+    task_weights: dict[str, float] = field(default_factory=dict)  # missing tasks weigh 1.0
+    log_every: int = 20
+    eval_rows: int = 256  # held-out rows scored before and after training (0 = skip)
+    shuffle_buffer: int = 512
+    seed: int = 0
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 3
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    # Extra keys merged into the generated DeepSpeed JSON config (e.g. offload settings).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RayConfig:
+    address: str = ""  # "" = connect to RAY_ADDRESS if set, else start a local Ray
+    num_workers: int = 2
+    use_gpu: str = "auto"  # auto | true | false
+    cpus_per_worker: float = 0.5  # <1 on a 2-CPU machine: Ray Data needs a CPU too (see engineering notes)
+    gpus_per_worker: float = 1.0
+    local_num_cpus: int = 0  # logical CPUs for a local Ray; 0 = Ray's own count
+
+
+@dataclass
+class CheckpointConfig:
+    storage_path: str = "~/ckf_runs"  # local folder or s3://bucket/prefix
+    run_name: str = "ckf-default"
+    every_steps: int = 100
+    keep: int = 2
+    export_adapter: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cf: CFConfig = field(default_factory=CFConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def _choice(name: str, value: str, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not one of {sorted(allowed)}")
+
+
+def validate(cfg: Config) -> Config:
+    """Checks values that type-check but cannot work; raises ConfigError naming the key."""
+    _choice("data.source", cfg.data.source, {"synthetic", "movielens-100k"})
+    if not cfg.data.tasks:
+        raise ConfigError("data.tasks is empty: name at least one of " + ", ".join(TASKS))
+    for task in cfg.data.tasks:
+        _choice("data.tasks[]", task, set(TASKS))
+    if len(set(cfg.data.tasks)) != len(cfg.data.tasks):
+        raise ConfigError(f"data.tasks has duplicates: {cfg.data.tasks}")
+    for task in cfg.training.task_weights:
+        _choice("training.task_weights key", task, set(TASKS))
+    if cfg.data.source != "synthetic" and not cfg.data.raw_path:
+        raise ConfigError(f"data.raw_path must name the raw files for data.source={cfg.data.source!r}")
+    if cfg.data.num_candidates < 2:
+        raise ConfigError("data.num_candidates must be >= 2 (1 positive + negatives)")
+    _choice("model.source", cfg.model.source, {"tiny", "hf", "gguf"})
+    if cfg.model.source != "tiny" and not cfg.model.path:
+        raise ConfigError(f"model.path must be set for model.source={cfg.model.source!r}")
+    _choice("model.attn_implementation", cfg.model.attn_implementation, {"sdpa", "eager", "flash_attention_2"})
+    _choice("cf.model", cfg.cf.model, {"mf", "lightgcn"})
+    _choice("cf.pooling", cfg.cf.pooling, {"mean", "attention"})
+    _choice("cf.meta_activation", cfg.cf.meta_activation, {"none", "relu"})
+    if cfg.cf.dim < 1:
+        raise ConfigError("cf.dim must be >= 1")
+    if not 1 <= cfg.lora.rank <= 64:
+        raise ConfigError(f"lora.rank={cfg.lora.rank} must be in 1..64")
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        raise ConfigError(f"lora.dropout={cfg.lora.dropout} must be in [0, 1)")
+    _choice("lora.impl", cfg.lora.impl, {"auto", "torch", "triton"})
+    if not cfg.lora.shared_targets and not cfg.lora.task_targets:
+        raise ConfigError("lora.shared_targets and lora.task_targets are both empty: nothing to train")
+    _choice("training.curriculum", cfg.training.curriculum,
+            {"sigmoid", "constant", "two_stage", "hybrid_only", "text_only"})
+    for key in ("max_steps", "batch_size"):
+        if getattr(cfg.training, key) < 1:
+            raise ConfigError(f"training.{key} must be >= 1")
+    _choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, {0, 1, 2, 3})
+    _choice("deepspeed.precision", cfg.deepspeed.precision, {"auto", "bf16", "fp16", "fp32"})
+    _choice("ray.use_gpu", cfg.ray.use_gpu, {"auto", "true", "false"})
+    if cfg.ray.num_workers < 1:
+        raise ConfigError("ray.num_workers must be >= 1")
+    if cfg.checkpoint.every_steps < 1:
+        raise ConfigError("checkpoint.every_steps must be >= 1")
+    if not cfg.checkpoint.run_name or "/" in cfg.checkpoint.run_name:
+        raise ConfigError(f"checkpoint.run_name={cfg.checkpoint.run_name!r} must be a non-empty name without '/'")
+    return cfg
+
+
+def _load_yaml(path: str) -> DictConfig:
+    if not os.path.exists(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError and friends: say which file
+        raise ConfigError(f"cannot parse config file {path}: {exc}") from exc
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping at top level")
+    return loaded
+
+
+def _explain(exc: OmegaConfBaseException, origin: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+    msg = str(exc).splitlines()[0]
+    if key:
+        return ConfigError(f"{origin}: bad key '{key}': {msg}")
+    return ConfigError(f"{origin}: {msg}")
+
+
+def load_config(argv: Optional[list[str]] = None) -> Config:
+    """Builds the config from ``[--config FILE] [key=value ...]``; raises ConfigError naming a bad key."""
+    argv = list(argv or [])
+    yaml_path = None
+    overrides: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config", "-c"):
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a YAML file path")
+            yaml_path = argv[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            yaml_path = arg.split("=", 1)[1]
+        elif "=" not in arg or arg.startswith("-"):
+            raise ConfigError(f"cannot read argument {arg!r}: expected --config FILE or key=value")
+        else:
+            overrides.append(arg)
+        i += 1
+    cfg = OmegaConf.structured(Config)
+    OmegaConf.set_struct(cfg, True)
+    if yaml_path:
+        try:
+            cfg = OmegaConf.merge(cfg, _load_yaml(yaml_path))
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, yaml_path) from exc
+    if overrides:
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, "command line") from exc
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, yaml_path or "config") from exc
+    return validate(obj)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuilds a Config from ``dataclasses.asdict`` output (how it travels to Ray workers)."""
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), data)
+    return validate(OmegaConf.to_object(cfg))
+
+
+def resolve_data_path(cfg: Config) -> str:
+    if cfg.data.path:
+        return cfg.data.path
+    return os.path.join(os.path.expanduser("~/.cache/ckf_dist/data"), cfg.data.source)
+
+
+def resolve_embeddings_path(cfg: Config) -> str:
+    if cfg.cf.embeddings_path:
+        return cfg.cf.embeddings_path
+    return resolve_data_path(cfg).rstrip("/") + "/cf"

@@ -1,0 +1,71 @@
+"""Filesystems for local folders and ``s3://`` URIs, shared by every job (prepare, training, CF refresh).
+
+An explicit ``pyarrow.fs.S3FileSystem`` is built with the endpoint and credentials from the config or the
+environment: Arrow does not reliably honour endpoint environment variables by itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import pyarrow.fs as pafs
+
+from ckf_dist.config import S3Config
+
+
+def is_s3(path: str) -> bool:
+    return path.startswith("s3://")
+
+
+def s3_options(s3: Optional[S3Config] = None) -> dict:
+    """Endpoint/credentials: config values first, then the standard AWS environment variables."""
+    s3 = s3 or S3Config()
+    return {
+        "endpoint_url": s3.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", ""),
+        "region": s3.region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION", "us-east-1"),
+        "access_key_id": s3.access_key_id or os.environ.get("AWS_ACCESS_KEY_ID", ""),
+        "secret_access_key": s3.secret_access_key or os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
+    }
+
+
+def get_filesystem(path: str, s3: Optional[S3Config] = None) -> tuple[pafs.FileSystem, str]:
+    """Returns (filesystem, path inside it): ``s3://bucket/a`` -> (S3FileSystem, "bucket/a");
+    a local path -> (LocalFileSystem, absolute path with ``~`` expanded)."""
+    if is_s3(path):
+        opts = s3_options(s3)
+        kwargs = {"region": opts["region"]}
+        if opts["endpoint_url"]:
+            endpoint = opts["endpoint_url"]
+            kwargs["endpoint_override"] = endpoint
+            kwargs["scheme"] = "https" if endpoint.startswith("https") else "http"
+        if opts["access_key_id"]:
+            kwargs["access_key"] = opts["access_key_id"]
+            kwargs["secret_key"] = opts["secret_access_key"]
+        return pafs.S3FileSystem(**kwargs), path[len("s3://"):].rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def join(root: str, *parts: str) -> str:
+    """Joins path parts with '/' for both local and s3 URIs."""
+    return "/".join([root.rstrip("/")] + [p.strip("/") for p in parts])
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_json(fs: pafs.FileSystem, path: str) -> dict:
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode("utf-8"))
+
+
+def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def write_json(fs: pafs.FileSystem, path: str, obj: dict) -> None:
+    write_bytes(fs, path, json.dumps(obj, indent=2, sort_keys=True).encode("utf-8"))

@@ -1,0 +1,41 @@
+"""ckf_dist: CKF multi-task LLM recommenders trained at cluster scale with Ray + DeepSpeed.
+
+Install (CPU machine): pip install torch==2.13.0 -e '.[test]'
+The Triton kernels live in the top-level ``kernels/`` folder and are installed as ``ckf_dist.kernels``
+(never as a top-level ``kernels`` module: that name belongs to a PyPI package transformers probes for).
+"""
+from setuptools import find_packages, setup
+
+RUNTIME = [
+    "torch>=2.4",
+    "deepspeed>=0.16",
+    "ray[train,data]>=2.50",
+    "transformers>=4.50",
+    "tokenizers>=0.20",
+    "peft>=0.14",
+    "triton>=3.0; platform_system == 'Linux'",
+    "pyarrow>=17",
+    "s3fs>=2024.6",
+    "omegaconf>=2.3",
+    "safetensors>=0.4",
+    "scikit-learn>=1.4",
+    "numpy>=1.26",
+]
+
+setup(
+    name="ckf_dist",
+    version="0.1.0",
+    description="CKF (collaborative knowledge fusion) multi-task LLM recommenders on Ray Train + DeepSpeed ZeRO-3",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ckf_dist", "ckf_dist.*"]) + ["ckf_dist.kernels"],
+    package_dir={"ckf_dist.kernels": "kernels"},
+    install_requires=RUNTIME,
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "moto[server]>=5.0"],
+        # flash-attn has no wheel on PyPI: it builds from source against CUDA (about an hour); GPU images only.
+        "gpu": ["flash-attn>=2.6"],
+        # SmolLM2-135M as a GGUF file (issue 5 quality runs); transformers needs gguf + accelerate to load it.
+        "gguf": ["gguf>=0.10", "accelerate>=1.0"],
+    },
+    entry_points={"console_scripts": ["ckf-train=ckf_dist.train:main", "ckf-prepare=ckf_dist.data.prepare:main"]},
+)
