@@ -89,9 +89,22 @@ class CFConfig:
     meta_hidden: int = 32
     meta_activation: str = "none"  # none | relu
     identity_mapping: bool = False  # ablation: W_u = I (no meta-network)
-    # Built-in quick MF fit used when no embedding version exists yet.
-    bootstrap_epochs: int = 30
     refresh_check_every_steps: int = 0  # 0 = never look for a newer version during training
+    # CF training / refresh job (ckf_dist.cf, ckf_dist.cf_refresh).
+    loss: str = "bpr"  # bpr | pointwise (BCE on sampled negatives) | mse (rating MF; reports RMSE)
+    epochs: int = 40  # upper bound; early stopping on the valid split usually ends sooner
+    lr: float = 0.01  # Adam
+    batch_size: int = 2048  # positive interactions per step
+    num_negatives: int = 1  # sampled negatives per positive (bpr, pointwise)
+    reg: float = 1e-4  # L2 on the embeddings of each batch
+    patience: int = 5  # evaluations without improvement before stopping
+    early_stop_metric: str = "auto"  # auto (rmse for mse, else auc) | auc | recall@20 | ndcg@20 | rmse
+    eval_max_users: int = 2000  # users ranked over all items per evaluation (sampled if more)
+    lightgcn_layers: int = 3
+    keep_versions: int = 5  # published versions kept; older ones are deleted after a publish
+    reader: str = "ray"  # ray (Ray Data) | arrow (pyarrow directly, no Ray; for tests/small sets)
+    warm_start: bool = True  # initialise overlapping ids from the latest published version
+    seed: int = 0
 
 
 @dataclass
@@ -124,6 +137,9 @@ class TrainingConfig:
 class DeepSpeedConfig:
     zero_stage: int = 3
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    # Parameters smaller than this stay unpartitioned under ZeRO-3. 0 partitions everything (the tiny CPU
+    # default, so that tests exercise real partitioning); DeepSpeed's own default is 100000.
+    param_persistence_threshold: int = 0
     # Extra keys merged into the generated DeepSpeed JSON config (e.g. offload settings).
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -188,6 +204,20 @@ def validate(cfg: Config) -> Config:
     _choice("cf.meta_activation", cfg.cf.meta_activation, {"none", "relu"})
     if cfg.cf.dim < 1:
         raise ConfigError("cf.dim must be >= 1")
+    _choice("cf.loss", cfg.cf.loss, {"bpr", "pointwise", "mse"})
+    _choice("cf.early_stop_metric", cfg.cf.early_stop_metric, {"auto", "auc", "recall@20", "ndcg@20", "rmse"})
+    if cfg.cf.early_stop_metric == "rmse" and cfg.cf.loss != "mse":
+        raise ConfigError("cf.early_stop_metric=rmse needs cf.loss=mse (rating MF)")
+    if cfg.cf.model == "lightgcn" and cfg.cf.loss == "mse":
+        raise ConfigError("cf.loss=mse (rating regression) is for cf.model=mf; use bpr or pointwise with lightgcn")
+    _choice("cf.reader", cfg.cf.reader, {"ray", "arrow"})
+    for key in ("epochs", "batch_size", "num_negatives", "patience", "keep_versions", "eval_max_users"):
+        if getattr(cfg.cf, key) < 1:
+            raise ConfigError(f"cf.{key} must be >= 1")
+    if cfg.cf.lightgcn_layers < 0:
+        raise ConfigError("cf.lightgcn_layers must be >= 0")
+    if cfg.cf.lr <= 0 or cfg.cf.reg < 0:
+        raise ConfigError(f"cf.lr={cfg.cf.lr} must be > 0 and cf.reg={cfg.cf.reg} >= 0")
     if not 1 <= cfg.lora.rank <= 64:
         raise ConfigError(f"lora.rank={cfg.lora.rank} must be in 1..64")
     if not 0.0 <= cfg.lora.dropout < 1.0:
@@ -255,6 +285,9 @@ def load_config(argv: Optional[list[str]] = None) -> Config:
         i += 1
     cfg = OmegaConf.structured(Config)
     OmegaConf.set_struct(cfg, True)
+    # Free-form mappings: their keys are data, not config keys (DeepSpeed JSON keys, task names checked later).
+    OmegaConf.set_struct(cfg.deepspeed.extra, False)
+    OmegaConf.set_struct(cfg.training.task_weights, False)
     if yaml_path:
         try:
             cfg = OmegaConf.merge(cfg, _load_yaml(yaml_path))

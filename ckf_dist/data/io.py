@@ -69,3 +69,25 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
 
 def write_json(fs: pafs.FileSystem, path: str, obj: dict) -> None:
     write_bytes(fs, path, json.dumps(obj, indent=2, sort_keys=True).encode("utf-8"))
+
+
+def read_text(fs: pafs.FileSystem, path: str, encoding: str = "utf-8", display: Optional[str] = None) -> str:
+    """Reads a whole text file; raises FileNotFoundError naming it (``display`` = the name to show, e.g. the
+    ``s3://`` URI). Undecodable bytes become U+FFFD so a bad line is reported by the parser, not fatal here."""
+    name = display or path
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"file not found: {name}")
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"not a file: {name}")
+    with fs.open_input_stream(path) as f:
+        return f.read().decode(encoding, errors="replace")
+
+
+def delete_if_exists(fs: pafs.FileSystem, path: str) -> None:
+    """Removes a file or a folder tree if present (no error when absent)."""
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)

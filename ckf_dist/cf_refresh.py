@@ -1,0 +1,139 @@
+"""CF embedding refresh job: read interactions -> train MF/LightGCN (warm start) -> publish a version.
+
+    python -m ckf_dist.cf_refresh [--config FILE] [--every 6h] [--max-runs N] [key=value ...]
+    ray job submit --working-dir . -- python -m ckf_dist.cf_refresh --config configs/x.yaml
+
+One-shot by default (for cron / RayCronJob). ``--every 6h`` loops: a run starts every interval (s, m, h,
+d suffixes; the next start is measured from the previous start, and a run longer than the interval is
+followed at once by the next). In loop mode a failed run is reported and retried at the next tick; in
+one-shot mode a failure exits non-zero. Exit codes: 0 ok, 1 refresh failed, 2 bad arguments/config.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import time
+import traceback
+from typing import Callable, Optional
+
+from ckf_dist.cf import store
+from ckf_dist.cf.reader import read_interactions
+from ckf_dist.cf.trainer import train_cf
+from ckf_dist.config import Config, ConfigError, load_config, resolve_data_path, resolve_embeddings_path
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_interval(text: str) -> float:
+    """'90s' / '15m' / '6h' / '1d' / '1h30m' / plain seconds -> seconds (> 0)."""
+    text = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        seconds = float(text)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            raise ValueError(f"cannot read interval {text!r}: use e.g. 30m, 6h, 1d, 1h30m")
+        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise ValueError(f"interval {text!r} must be positive")
+    return seconds
+
+
+def refresh_once(cfg: Config, progress: Callable[[str], None] = print) -> str:
+    """Trains ``cfg.cf.model`` on ``<data>/interactions`` and publishes a version; returns its id.
+
+    Reads the train split for fitting and the valid split for early stopping/metrics (Ray Data by
+    default, ``cf.reader=arrow`` without Ray); warm-starts from the latest version when one exists and
+    ``cf.warm_start``; publishes to ``resolve_embeddings_path(cfg)`` keeping ``cf.keep_versions``.
+    """
+    t0 = time.perf_counter()
+    data_root = resolve_data_path(cfg)
+    out_root = resolve_embeddings_path(cfg)
+    s3 = cfg.data.s3
+    progress(f"[cf_refresh] reading {data_root}/interactions (engine={cfg.cf.reader})")
+    data = read_interactions(data_root, s3=s3, engine=cfg.cf.reader, ray_address=cfg.ray.address,
+                             ray_num_cpus=cfg.ray.local_num_cpus, progress=progress)
+    t_read = time.perf_counter() - t0
+    progress(f"[cf_refresh] {data.stats['rows_used']} interactions {data.stats['per_split']}, "
+             f"{data.num_users} users, {data.num_items} items ({t_read:.1f}s)")
+    previous = None
+    if cfg.cf.warm_start:
+        try:
+            previous = store.load_version(out_root, s3=s3)
+        except FileNotFoundError:
+            progress(f"[cf_refresh] no previous version under {out_root}: cold start")
+        except store.CorruptVersionError as exc:
+            progress(f"[cf_refresh] WARNING latest version is unusable, cold start instead: {exc}")
+    result = train_cf(data, cfg.cf, previous=previous, progress=progress)
+    snapshot = dict(data.snapshot, num_users=data.num_users, num_items=data.num_items,
+                    per_split=data.stats["per_split"], malformed=data.stats["malformed"])
+    metrics = dict(result.metrics, read_seconds=t_read)
+    config = {k: getattr(cfg.cf, k) for k in ("model", "loss", "dim", "epochs", "lr", "batch_size",
+                                              "num_negatives", "reg", "patience", "lightgcn_layers", "seed")}
+    metrics["config"] = config
+    metrics["warm_start"] = result.warm_start
+    version = store.publish_version(
+        out_root, result.user_table[result.user_ids], result.item_table[result.item_ids],
+        user_ids=result.user_ids, item_ids=result.item_ids, model_type=cfg.cf.model, metrics=metrics,
+        data_snapshot=snapshot, keep=cfg.cf.keep_versions, s3=s3, progress=progress)
+    shown = ", ".join(f"{k}={result.metrics[k]:.4f}" for k in ("auc", "recall@20", "ndcg@20", "rmse")
+                      if isinstance(result.metrics.get(k), float))
+    progress(f"[cf_refresh] published {version} to {out_root}: {len(result.user_ids)} users, "
+             f"{len(result.item_ids)} items, d={cfg.cf.dim}; {shown}; total {time.perf_counter() - t0:.1f}s")
+    return version
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    every, max_runs, rest = None, 0, []
+    i = 0
+    try:
+        while i < len(argv):
+            arg = argv[i]
+            if arg in ("-h", "--help"):
+                print(__doc__)
+                return 0
+            if arg == "--every" or arg == "--max-runs":
+                if i + 1 >= len(argv):
+                    raise ValueError(f"{arg} needs a value")
+                value, i = argv[i + 1], i + 2
+            elif arg.startswith("--every=") or arg.startswith("--max-runs="):
+                arg, value = arg.split("=", 1)
+                i += 1
+            else:
+                rest.append(arg)
+                i += 1
+                continue
+            if arg == "--every":
+                every = parse_interval(value)
+            else:
+                max_runs = int(value)
+        cfg = load_config(rest)
+    except (ConfigError, ValueError) as exc:
+        print(f"cf_refresh: {exc}", file=sys.stderr)
+        return 2
+    if every is None:
+        try:
+            refresh_once(cfg, progress=lambda m: print(m, flush=True))
+        except Exception:  # noqa: BLE001 - report and exit non-zero for cron
+            traceback.print_exc()
+            return 1
+        return 0
+    runs = 0
+    while True:
+        start = time.monotonic()
+        runs += 1
+        try:
+            refresh_once(cfg, progress=lambda m: print(m, flush=True))
+        except Exception:  # noqa: BLE001 - a failed run must not end the loop
+            print(f"[cf_refresh] run {runs} failed; next attempt in {every:.0f}s", file=sys.stderr, flush=True)
+            traceback.print_exc()
+        if max_runs and runs >= max_runs:
+            return 0
+        wait = max(0.0, every - (time.monotonic() - start))
+        print(f"[cf_refresh] next run in {wait:.0f}s", flush=True)
+        time.sleep(wait)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The canonical raw tables every source reader returns, the bad-row report, and the source registry.
+
+A source reader (synthetic generator, MovieLens, later Amazon JSON, RecBole atomic, generic CSV/parquet)
+turns its files into one :class:`RawData`:
+
+* ``interactions`` (:data:`RAW_INTERACTIONS_SCHEMA`): raw user id, raw item id, rating (null for implicit
+  feedback), unix timestamp, review text (null where the source has none);
+* ``items`` (:data:`RAW_ITEMS_SCHEMA`): every catalogue item with its title (items nobody interacted with are
+  kept: they are valid negatives);
+* ``bad_rows``: every malformed input row, counted by reason with the first few ``file:line`` examples.
+
+Everything after that (contiguous ids, the per-user time split, cold flags, prompts) is shared code in
+``ckf_dist.data.canonical`` and ``ckf_dist.data.prompts``. To add a source, write a reader
+``read(cfg: DataConfig) -> RawData`` and add it to :data:`SOURCES` (and to ``data.source`` in
+``ckf_dist.config.validate``).
+"""
+from __future__ import annotations
+
+import importlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ckf_dist.config import DataConfig
+from ckf_dist.data.schema import PLACEHOLDER
+
+RAW_INTERACTIONS_SCHEMA = pa.schema([
+    ("raw_user_id", pa.string()),
+    ("raw_item_id", pa.string()),
+    ("rating", pa.float32()),  # null = implicit feedback
+    ("timestamp", pa.int64()),  # unix seconds
+    ("review", pa.string()),  # null = no review text
+])
+
+RAW_ITEMS_SCHEMA = pa.schema([
+    ("raw_item_id", pa.string()),
+    ("title", pa.string()),
+])
+
+# source name -> "module:function" (imported lazily so one broken optional reader never breaks the others)
+SOURCES: dict[str, str] = {
+    "synthetic": "ckf_dist.data.synthetic:read",
+    "movielens-100k": "ckf_dist.data.movielens:read_100k",
+}
+
+
+class BadRows:
+    """Counts malformed input rows by reason and keeps the first ``max_examples`` of them verbatim.
+
+    Readers call :meth:`add` for every row they skip; nothing is dropped without being counted here.
+    """
+
+    def __init__(self, max_examples: int = 10):
+        self.max_examples = max_examples
+        self.by_reason: Counter[str] = Counter()
+        self.examples: list[dict[str, Any]] = []
+
+    def add(self, file: str, line: int, reason: str, text: str = "", kind: str | None = None) -> None:
+        """Records one bad row. ``kind`` is the counting key (defaults to ``reason``); ``reason`` may carry
+        row-specific detail (the offending value) for the examples."""
+        self.by_reason[kind or reason] += 1
+        if len(self.examples) < self.max_examples:
+            self.examples.append({"file": file, "line": int(line), "reason": reason, "text": text[:200]})
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_reason.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "by_reason": dict(sorted(self.by_reason.items())), "examples": list(self.examples)}
+
+    def summary(self) -> str:
+        """One human-readable paragraph: totals by reason and the examples as ``file:line: reason``."""
+        if not self.total:
+            return "no bad rows"
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.by_reason.items()))
+        lines = [f"{self.total} bad rows skipped after counting ({reasons}); first ones:"]
+        lines += [f"  {e['file']}:{e['line']}: {e['reason']}: {e['text']!r}" for e in self.examples]
+        return "\n".join(lines)
+
+
+@dataclass
+class RawData:
+    """What a source reader returns; see the module docstring."""
+
+    source: str
+    interactions: pa.Table
+    items: pa.Table
+    bad_rows: BadRows = field(default_factory=BadRows)
+    files: list[str] = field(default_factory=list)  # the input files read, for the manifest
+    extras: dict[str, Any] = field(default_factory=dict)  # source-specific facts (e.g. the planted clusters)
+
+    @property
+    def has_ratings(self) -> bool:
+        return self.interactions.num_rows > 0 and self.interactions.column("rating").null_count < self.interactions.num_rows
+
+    @property
+    def has_reviews(self) -> bool:
+        return self.interactions.num_rows > 0 and self.interactions.column("review").null_count < self.interactions.num_rows
+
+    def validate(self) -> "RawData":
+        """Checks the reader's contract; raises ValueError naming the source and the problem."""
+        where = f"source {self.source!r}"
+        if not self.interactions.schema.equals(RAW_INTERACTIONS_SCHEMA):
+            raise ValueError(f"{where}: interactions schema {self.interactions.schema} != {RAW_INTERACTIONS_SCHEMA}")
+        if not self.items.schema.equals(RAW_ITEMS_SCHEMA):
+            raise ValueError(f"{where}: items schema {self.items.schema} != {RAW_ITEMS_SCHEMA}")
+        if self.interactions.num_rows == 0:
+            raise ValueError(f"{where}: no valid interactions ({self.bad_rows.summary()})")
+        for name in ("raw_user_id", "raw_item_id", "timestamp"):
+            if self.interactions.column(name).null_count:
+                raise ValueError(f"{where}: interactions.{name} has nulls")
+        if self.items.column("raw_item_id").null_count:
+            raise ValueError(f"{where}: items.raw_item_id has nulls")
+        ids = self.items.column("raw_item_id")
+        if len(pc.unique(ids)) != len(ids):
+            raise ValueError(f"{where}: items.raw_item_id has duplicates")
+        unknown = pc.invert(pc.is_in(self.interactions.column("raw_item_id"), value_set=ids.combine_chunks()))
+        if pc.any(unknown).as_py():
+            first = self.interactions.column("raw_item_id").filter(unknown)[0].as_py()
+            raise ValueError(f"{where}: interaction item {first!r} is not in the item table "
+                             "(readers must report unknown items as bad rows)")
+        return self
+
+
+def clean_text_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Collapses whitespace and defuses literal placeholder tokens (so they cannot be mistaken for soft tokens);
+    nulls stay null and empty strings become null."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    out = pc.replace_substring(values, PLACEHOLDER, "(cf)")
+    out = pc.utf8_trim_whitespace(pc.replace_substring_regex(out, r"\s+", " "))
+    return pc.if_else(pc.equal(out, ""), pa.scalar(None, pa.string()), out)
+
+
+def read_source(cfg: DataConfig) -> RawData:
+    """Runs the reader registered for ``cfg.source`` and validates its output."""
+    if cfg.source not in SOURCES:
+        raise ValueError(f"data.source={cfg.source!r} has no reader; known: {sorted(SOURCES)}")
+    module_name, func_name = SOURCES[cfg.source].split(":")
+    reader: Callable[[DataConfig], RawData] = getattr(importlib.import_module(module_name), func_name)
+    return reader(cfg).validate()

@@ -1,0 +1,196 @@
+"""The CKF model (single-device code; DeepSpeed and Ray wrap it from outside).
+
+KFM: history pooling -> meta-network per-user mapping W_u -> personalised user vector -> projectors into the
+LLM's hidden size -> soft tokens written over the ``<cf>`` placeholders with one scatter.
+MTM: the LLM's target linears are ``MultiLoRALinear`` layers routed by the batch's task segments.
+Loss: causal-LM cross-entropy on answer tokens, averaged per (form, task), tasks weighted, and the
+curriculum weight ``lam`` mixing text-only and hybrid losses.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ckf_dist.config import CFConfig, LoRAConfig
+from ckf_dist.model.multi_lora import TaskSegments, inject_multi_lora
+
+IGNORE = -100
+
+
+class HistoryPooling(nn.Module):
+    """p_u = pool(E_V[h]) over the sample's own history: masked mean, or single-head self-attention then mean."""
+
+    def __init__(self, dim: int, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.attn = nn.MultiheadAttention(dim, num_heads=1, batch_first=True) if mode == "attention" else None
+
+    def forward(self, hist_emb: torch.Tensor, hist_mask: torch.Tensor) -> torch.Tensor:
+        """hist_emb: [B, H, d], hist_mask: [B, H] bool (True = real item) -> [B, d] (zeros for empty history)."""
+        if self.attn is not None and hist_emb.shape[1] > 0:
+            # Rows with no history would make every key masked (NaN softmax): let them attend to padding, then
+            # the masked mean below zeroes them anyway.
+            key_pad = ~hist_mask & hist_mask.any(dim=1, keepdim=True)
+            hist_emb, _ = self.attn(hist_emb, hist_emb, hist_emb, key_padding_mask=key_pad, need_weights=False)
+        m = hist_mask.unsqueeze(-1).to(hist_emb.dtype)
+        return (hist_emb * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class CKFModel(nn.Module):
+    """LLM with Multi-LoRA + the KFM mapping side, over frozen CF tables.
+
+    Buffers (frozen, not in state_dict; reloaded from the embedding version named in the checkpoint):
+        user_table [U + 1, d], item_table [I + 1, d]: rows by data-set id; the last row is the fallback vector
+        used for ids the current embedding version does not cover.
+    """
+
+    def __init__(self, llm: nn.Module, user_table: torch.Tensor, item_table: torch.Tensor, placeholder_id: int,
+                 num_tasks: int, cf: CFConfig, lora: LoRAConfig):
+        super().__init__()
+        self.llm = llm
+        self.placeholder_id = placeholder_id
+        self.num_tasks = num_tasks
+        self.dim = cf.dim
+        self.identity_mapping = cf.identity_mapping
+        hidden = llm.config.hidden_size
+        dtype = llm.get_input_embeddings().weight.dtype
+        self.register_buffer("user_table", user_table.to(dtype), persistent=False)
+        self.register_buffer("item_table", item_table.to(dtype), persistent=False)
+        self.pooling = HistoryPooling(cf.dim, cf.pooling).to(dtype)
+        act = nn.ReLU() if cf.meta_activation == "relu" else nn.Identity()
+        # Meta-network g: d -> meta_hidden -> d*d (the reference used no activation in between).
+        self.meta_net = nn.Sequential(nn.Linear(cf.dim, cf.meta_hidden), act,
+                                      nn.Linear(cf.meta_hidden, cf.dim * cf.dim)).to(dtype)
+        self.user_proj = nn.Sequential(nn.Linear(cf.dim, hidden), nn.GELU(), nn.Linear(hidden, hidden)).to(dtype)
+        self.item_proj = nn.Sequential(nn.Linear(cf.dim, hidden), nn.GELU(), nn.Linear(hidden, hidden)).to(dtype)
+        self.segments = TaskSegments()
+        self.lora_layers = inject_multi_lora(llm, self.segments, num_tasks, lora.rank, lora.alpha, lora.dropout,
+                                             list(lora.shared_targets), list(lora.task_targets), lora.impl)
+
+    # ----------------------------------------------------------------------------------------- CF tables
+    def set_cf_tables(self, user_table: torch.Tensor, item_table: torch.Tensor) -> None:
+        """Swaps in a new embedding version ([U'+1, d], [I'+1, d], last row fallback); sizes may grow."""
+        if user_table.shape[1] != self.dim or item_table.shape[1] != self.dim:
+            raise ValueError(f"embedding dim {user_table.shape[1]}/{item_table.shape[1]} != cf.dim {self.dim}")
+        dev, dt = self.user_table.device, self.user_table.dtype
+        self.user_table = user_table.to(device=dev, dtype=dt)
+        self.item_table = item_table.to(device=dev, dtype=dt)
+
+    @staticmethod
+    def _lookup(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of ``table`` for ``ids``; ids outside the table (new users/items) take the fallback last row."""
+        fallback = table.shape[0] - 1
+        safe = torch.where((ids >= 0) & (ids < fallback), ids, torch.full_like(ids, fallback))
+        return table[safe]
+
+    # ------------------------------------------------------------------------------------------- KFM
+    def soft_tokens(self, user_ids: torch.Tensor, history: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """user_ids [B], history [B, H] (-1 pad), targets [B, K] (-1 pad) -> [B, 1 + K, hidden]:
+        t_u then t_v of each target/candidate item, in order."""
+        e_u = self._lookup(self.user_table, user_ids)  # [B, d]
+        hist_mask = history >= 0
+        p_u = self.pooling(self._lookup(self.item_table, history), hist_mask)  # [B, d]
+        if self.identity_mapping:
+            e_user = e_u
+        else:
+            w_u = self.meta_net(p_u).view(-1, self.dim, self.dim)  # [B, d, d]
+            e_user = torch.bmm(e_u.unsqueeze(1), w_u).squeeze(1)  # e'_u = E_U[u] @ W_u
+        t_u = self.user_proj(e_user).unsqueeze(1)  # [B, 1, hidden]
+        t_v = self.item_proj(self._lookup(self.item_table, targets))  # [B, K, hidden]
+        return torch.cat([t_u, t_v], dim=1)
+
+    def embed_with_soft_tokens(self, input_ids: torch.Tensor, n_targets: torch.Tensor, user_ids: torch.Tensor,
+                               history: torch.Tensor, targets: torch.Tensor, is_hybrid: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with every ``<cf>`` replaced by its soft token, in one vectorised scatter.
+
+        input_ids [B, L]; n_targets [B]; is_hybrid [B] bool. Hybrid rows must hold exactly 1 + n_targets
+        placeholders and text rows none; a mismatch raises ValueError naming the rows.
+        """
+        embeds = self.llm.get_input_embeddings()(input_ids)  # [B, L, hidden]
+        is_ph = input_ids == self.placeholder_id
+        counts = is_ph.sum(dim=1)
+        expected = torch.where(is_hybrid, n_targets + 1, torch.zeros_like(n_targets))
+        if not torch.equal(counts, expected):
+            bad = (counts != expected).nonzero().flatten()[:5].tolist()
+            raise ValueError(f"placeholder count mismatch in batch rows {bad}: found {counts[bad].tolist()}, "
+                             f"expected {expected[bad].tolist()} (1 + targets for hybrid rows, 0 for text rows)")
+        if not bool(is_hybrid.any()):
+            return embeds
+        hyb = is_hybrid.nonzero().flatten()
+        soft = self.soft_tokens(user_ids[hyb], history[hyb], targets[hyb]).to(embeds.dtype)  # [Bh, 1+K, hidden]
+        row, pos = is_ph.nonzero(as_tuple=True)  # row-major: placeholders of a row in order
+        slot = (torch.cumsum(is_ph.long(), dim=1) - 1)[row, pos]  # k-th placeholder of its row
+        hyb_index = torch.full((input_ids.shape[0],), -1, dtype=torch.long, device=input_ids.device)
+        hyb_index[hyb] = torch.arange(hyb.numel(), device=input_ids.device)
+        return embeds.index_put((row, pos), soft[hyb_index[row], slot])
+
+    # ------------------------------------------------------------------------------------------ loss
+    def forward(self, batch: dict, text_weight: float = 0.5, task_weights: Optional[torch.Tensor] = None) -> dict:
+        """One step's loss over a collated batch (see ``ckf_dist.data.collate``).
+
+        Returns {"loss": scalar, "row_loss": [B] mean answer-token CE per row (detached), "logits": [B, L, V]}.
+        ``text_weight`` = lambda of the curriculum: loss = lam * L_text + (1 - lam) * L_hybrid, each the
+        task-weighted mean of per-task mean row losses over the rows of that form present in the batch.
+        """
+        self.segments.set(batch["row_offsets"])
+        embeds = self.embed_with_soft_tokens(batch["input_ids"], batch["n_targets"], batch["user_ids"],
+                                             batch["history"], batch["targets"], batch["is_hybrid"])
+        out = self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False)
+        logits = out.logits
+        labels = batch["labels"]
+        tok_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                   ignore_index=IGNORE, reduction="none").view(labels.shape[0], -1)
+        n_tok = (labels[:, 1:] != IGNORE).sum(1).clamp_min(1)
+        row_loss = tok_loss.sum(1) / n_tok  # [B]
+        loss = self.combine_losses(row_loss, batch["task_ids"], batch["is_hybrid"], text_weight, task_weights)
+        return {"loss": loss, "row_loss": row_loss.detach(), "logits": logits}
+
+    def combine_losses(self, row_loss: torch.Tensor, task_ids: torch.Tensor, is_hybrid: torch.Tensor,
+                       text_weight: float, task_weights: Optional[torch.Tensor]) -> torch.Tensor:
+        """lam * L_text + (1-lam) * L_hybrid with L_form = sum_t w_t mean_rows(task t, form) / sum_t w_t over the
+        tasks present (a task absent from this batch does not dilute the others)."""
+        if task_weights is None:
+            task_weights = torch.ones(self.num_tasks, device=row_loss.device)
+        total = row_loss.new_zeros(())
+        for form_is_hybrid, weight in ((False, text_weight), (True, 1.0 - text_weight)):
+            if weight == 0.0:
+                continue
+            sel = is_hybrid == form_is_hybrid
+            if not bool(sel.any()):
+                continue
+            idx = task_ids[sel].long()
+            sums = torch.zeros(self.num_tasks, device=row_loss.device, dtype=row_loss.dtype).index_add(0, idx, row_loss[sel])
+            cnt = torch.bincount(idx, minlength=self.num_tasks).to(row_loss.dtype)
+            present = cnt > 0
+            w = task_weights.to(row_loss.dtype) * present
+            form_loss = (w * sums / cnt.clamp_min(1)).sum() / w.sum().clamp_min(1e-12)
+            total = total + weight * form_loss
+        return total
+
+    def trainable_named_parameters(self):
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+
+def curriculum_text_weight(schedule: str, step: int, total_steps: int) -> float:
+    """lambda(s) of the text-only loss at step s of S.
+
+    sigmoid: 1 / (1 + exp(8 (s - S/2) / (S/2))) (1 -> 0 around S/2); constant: 0.5; two_stage: 1 for the first
+    half, 0 after; text_only: 1; hybrid_only: 0.
+    """
+    if schedule == "sigmoid":
+        half = max(total_steps / 2.0, 1e-9)
+        z = 8.0 * (step - half) / half
+        return float(1.0 / (1.0 + np.exp(np.clip(z, -60, 60))))
+    if schedule == "constant":
+        return 0.5
+    if schedule == "two_stage":
+        return 1.0 if step < total_steps / 2.0 else 0.0
+    if schedule == "text_only":
+        return 1.0
+    if schedule == "hybrid_only":
+        return 0.0
+    raise ValueError(f"unknown curriculum schedule {schedule!r}")

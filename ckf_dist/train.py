@@ -1,0 +1,186 @@
+"""Entry point: ``python -m ckf_dist.train [--config FILE] [key=value ...]``.
+
+The driver: loads the config, connects to Ray (``ray.address``, ``RAY_ADDRESS``, or a new local Ray), makes sure
+the data set and a CF embedding version exist (preparing/refreshing them when missing), builds the tokeniser
+and the Ray Data pipelines, and runs a ``TorchTrainer`` whose workers run ``ckf_dist.worker``. Re-running
+the same command with the same ``checkpoint.run_name`` resumes from that run's latest checkpoint.
+With no arguments it runs the embedded CPU default: synthetic data, a tiny LLaMA, 2 workers, ZeRO-3.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import time
+
+from ckf_dist.config import Config, ConfigError, load_config, resolve_data_path, resolve_embeddings_path
+from ckf_dist.data import io
+
+log = logging.getLogger("ckf_dist.train")
+
+CPU_ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
+           "GLOO_SOCKET_IFNAME": "lo"}
+
+
+def _say(msg: str) -> None:
+    print(f"[ckf_dist] {msg}", flush=True)
+
+
+def init_ray(cfg: Config) -> bool:
+    """Connects to or starts Ray; returns whether GPUs will be used."""
+    import ray
+
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
+    want_gpu = cfg.ray.use_gpu
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=True)
+            _say(f"connected to Ray at {address}")
+        else:
+            import torch
+
+            local_gpu = torch.cuda.is_available()
+            env = {} if local_gpu and want_gpu != "false" else dict(CPU_ENV)
+            kwargs = {"num_cpus": cfg.ray.local_num_cpus} if cfg.ray.local_num_cpus else {}
+            ray.init(runtime_env={"env_vars": env}, include_dashboard=False, **kwargs)
+            _say(f"started a local Ray ({ray.cluster_resources().get('CPU', 0):g} CPUs, "
+                 f"{ray.cluster_resources().get('GPU', 0):g} GPUs)")
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if want_gpu == "true" and gpus < cfg.ray.num_workers * cfg.ray.gpus_per_worker:
+        raise ConfigError(f"ray.use_gpu=true but the cluster has {gpus:g} GPUs for {cfg.ray.num_workers} workers")
+    return want_gpu == "true" or (want_gpu == "auto" and gpus > 0)
+
+
+def ensure_data(cfg: Config) -> dict:
+    """The prepared data set's manifest; prepares it first when missing and ``data.prepare_if_missing``."""
+    from ckf_dist.data.prepare import is_prepared, prepare
+
+    root = resolve_data_path(cfg)
+    if not is_prepared(root, cfg.data.s3):
+        if not cfg.data.prepare_if_missing:
+            raise FileNotFoundError(f"no prepared data set at {root} and data.prepare_if_missing=false")
+        _say(f"no prepared data at {root}: preparing {cfg.data.source} shards")
+        return prepare(cfg)
+    from ckf_dist.data.streaming import read_manifest
+
+    return read_manifest(cfg)
+
+
+def ensure_embeddings(cfg: Config) -> str:
+    """The latest CF embedding version; runs one quick refresh first when the store is empty."""
+    from ckf_dist.cf.store import latest_version
+    from ckf_dist.cf_refresh import refresh_once
+
+    root = resolve_embeddings_path(cfg)
+    version = latest_version(root, s3=cfg.data.s3)
+    if version is None:
+        _say(f"no CF embedding version under {root}: running a quick {cfg.cf.model} refresh first")
+        version = refresh_once(cfg, progress=_say)
+    _say(f"CF embeddings: {version}")
+    return version
+
+
+def build_tokenizer(cfg: Config):
+    if cfg.model.source == "tiny":
+        from ckf_dist.data.streaming import tokenizer_corpus
+        from ckf_dist.model.llm import build_tiny_tokenizer
+
+        return build_tiny_tokenizer(tokenizer_corpus(cfg), cfg.model.tiny.vocab_size)
+    from ckf_dist.model.llm import load_pretrained_tokenizer
+
+    return load_pretrained_tokenizer(cfg.model)
+
+
+def storage(cfg: Config):
+    """(pyarrow filesystem or None, storage path as Ray Train expects it)."""
+    path = cfg.checkpoint.storage_path
+    if io.is_s3(path):
+        fs, p = io.get_filesystem(path, cfg.data.s3)
+        return fs, p
+    return None, os.path.abspath(os.path.expanduser(path))
+
+
+def run(cfg: Config):
+    """Runs (or resumes) training; returns the Ray Train ``Result``."""
+    import ray.train
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ckf_dist.data.streaming import prompt_dataset
+    from ckf_dist.worker import train_loop_per_worker
+
+    t0 = time.time()
+    use_gpu = init_ray(cfg)
+    manifest = ensure_data(cfg)
+    _say(f"data: {resolve_data_path(cfg)} ({manifest.get('num_users')} users, {manifest.get('num_items')} items)")
+    ensure_embeddings(cfg)
+    tokenizer = build_tokenizer(cfg)
+    datasets = {"train": prompt_dataset(cfg, "train", tokenizer)}
+    if cfg.training.eval_rows:
+        datasets["eval"] = prompt_dataset(cfg, "test", tokenizer, limit=cfg.training.eval_rows).materialize()
+    fs, storage_path = storage(cfg)
+    resources = {"CPU": cfg.ray.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.ray.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": dataclasses.asdict(cfg), "tokenizer": tokenizer, "use_gpu": use_gpu},
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=cfg.checkpoint.run_name, storage_path=storage_path, storage_filesystem=fs,
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        datasets=datasets,
+    )
+    _say(f"training run '{cfg.checkpoint.run_name}' -> {cfg.checkpoint.storage_path} "
+         f"({cfg.ray.num_workers} workers, ZeRO-{cfg.deepspeed.zero_stage}, {'GPU' if use_gpu else 'CPU'})")
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    if cfg.checkpoint.export_adapter and result.checkpoint is not None:
+        dest = publish_adapter(cfg, result.checkpoint)
+        _say(f"adapter exported to {dest}")
+    print_summary(result.metrics or {}, time.time() - t0)
+    return result
+
+
+def publish_adapter(cfg: Config, checkpoint) -> str:
+    """Copies the final checkpoint's adapter/ to <storage_path>/<run_name>/adapter (a stable location)."""
+    import pyarrow.fs as pafs
+
+    from ckf_dist.worker import ADAPTER_DIR
+
+    dest_uri = io.join(cfg.checkpoint.storage_path, cfg.checkpoint.run_name, ADAPTER_DIR)
+    dest_fs, dest = io.get_filesystem(dest_uri, cfg.data.s3)
+    src = io.join(checkpoint.path, ADAPTER_DIR)
+    dest_fs.delete_dir_contents(dest, missing_dir_ok=True)
+    pafs.copy_files(src, dest, source_filesystem=checkpoint.filesystem, destination_filesystem=dest_fs)
+    return dest_uri
+
+
+def print_summary(metrics: dict, seconds: float) -> None:
+    keys = sorted({k.split("/", 1)[1] for k in metrics if k.startswith(("before/", "after/"))})
+    keys = [k for k in keys if not k.endswith("/rows")]
+    if keys:
+        _say("held-out metrics (hybrid prompts)        before      after")
+        for k in keys:
+            b, a = metrics.get(f"before/{k}"), metrics.get(f"after/{k}")
+            fb = f"{b:10.4f}" if isinstance(b, (int, float)) else " " * 10
+            fa = f"{a:10.4f}" if isinstance(a, (int, float)) else " " * 10
+            _say(f"  {k:36s} {fb} {fa}")
+    _say(f"done: step {metrics.get('step')}, CF embeddings {metrics.get('cf_version')}, wall time {seconds:.0f}s")
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        print(f"ckf_dist.train: config error: {exc}", file=sys.stderr)
+        return 2
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

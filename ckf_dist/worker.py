@@ -1,0 +1,260 @@
+"""The Ray Train worker: builds CKF + a DeepSpeed engine, streams its data shard, trains, checkpoints, exports.
+
+Every rank runs this function. Collective calls (DeepSpeed steps and checkpoints, ``ray.train.report``,
+the evaluation passes) happen the same number of times on every rank: ``ray.train.report`` is a barrier.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+
+import torch
+
+from ckf_dist.config import Config, from_dict, resolve_embeddings_path
+from ckf_dist.data.collate import collate_prompts, to_device
+from ckf_dist.data.schema import PLACEHOLDER, TASK_IDS
+from ckf_dist import scoring
+
+STATE_FILE = "trainer_state.json"
+DS_TAG = "ds"
+ADAPTER_DIR = "adapter"
+
+
+def build_deepspeed_config(cfg: Config, world_size: int, use_gpu: bool) -> dict:
+    """DeepSpeed JSON config from the typed config (ZeRO stage, precision, clipping), plus ``deepspeed.extra``."""
+    precision = cfg.deepspeed.precision
+    if precision == "auto":
+        precision = "bf16" if use_gpu else "fp32"
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.training.batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": cfg.training.batch_size * world_size,
+        "gradient_clipping": cfg.training.grad_clip,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage,
+                              "stage3_param_persistence_threshold": cfg.deepspeed.param_persistence_threshold},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "zero_allow_untested_optimizer": True,  # a plain torch AdamW (no JIT-compiled op on CPU)
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(ds, cfg.deepspeed.extra)
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def model_dtype(cfg: Config, use_gpu: bool) -> torch.dtype:
+    precision = cfg.deepspeed.precision
+    if precision == "auto":
+        precision = "bf16" if use_gpu else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def build_ckf_model(cfg: Config, tokenizer, user_table: torch.Tensor, item_table: torch.Tensor,
+                    dtype: torch.dtype = torch.float32):
+    """The single-device CKF model: frozen LLM (+ <cf> token) with Multi-LoRA, mapping side, CF tables."""
+    from ckf_dist.model.ckf import CKFModel
+    from ckf_dist.model.llm import build_llm
+
+    llm = build_llm(cfg.model, tokenizer, dtype=dtype)
+    if cfg.model.gradient_checkpointing:
+        # Reentrant variant: the non-reentrant one fails under ZeRO-3 with frozen base weights.
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    torch.manual_seed(cfg.model.seed + 1)  # same adapter/mapping init on every rank
+    return CKFModel(llm, user_table, item_table, tokenizer.convert_tokens_to_ids(PLACEHOLDER), len(TASK_IDS),
+                    cfg.cf, cfg.lora)
+
+
+def lr_lambda(warmup_steps: int, total_steps: int):
+    """Linear warm-up then linear decay to 0 (as a multiplier of the base lr)."""
+    def fn(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return fn
+
+
+def load_cf_tables(cfg: Config, version: str | None):
+    """(version id, user table [U+1, d], item table [I+1, d]) from the embedding store."""
+    from ckf_dist.cf.store import load_version
+
+    ev = load_version(resolve_embeddings_path(cfg), version, s3=cfg.data.s3)
+    users, items = ev.dense_tables()
+    return ev.version, torch.from_numpy(users), torch.from_numpy(items)
+
+
+def _task_weights(cfg: Config) -> torch.Tensor:
+    w = torch.ones(len(TASK_IDS))
+    for name, value in cfg.training.task_weights.items():
+        w[TASK_IDS[name]] = float(value)
+    return w
+
+
+def evaluate_shard(engine, shard, cfg: Config, tokenizer, pad_id: int, device) -> dict[str, float]:
+    """Scores this rank's eval rows in hybrid form and gathers every rank's scores: same metrics everywhere."""
+    import torch.distributed as dist
+
+    ids = scoring.answer_token_ids(tokenizer)
+    parts = []
+    engine.eval()
+    collate = lambda b: collate_prompts(b, pad_id, len(TASK_IDS), forms=("hybrid",))  # noqa: E731
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(batch_size=cfg.training.batch_size, collate_fn=collate):
+            batch = to_device(batch, device)
+            out = engine(batch, text_weight=0.0)
+            parts.append(scoring.score_rows(out["logits"], batch, out["row_loss"], ids))
+    engine.train()
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, parts)
+    return scoring.summarize([p for rank_parts in gathered for p in rank_parts])
+
+
+def _batches(shard, cfg: Config, pad_id: int, start_epoch: int, skip: int, rank: int):
+    """Endless (epoch, index in epoch, batch) over the shard; reshuffled locally each epoch."""
+    collate = lambda b: collate_prompts(b, pad_id, len(TASK_IDS))  # noqa: E731
+    epoch = start_epoch
+    while True:
+        n = 0
+        for i, batch in enumerate(shard.iter_torch_batches(
+                batch_size=cfg.training.batch_size, collate_fn=collate, drop_last=True,
+                local_shuffle_buffer_size=cfg.training.shuffle_buffer or None,
+                local_shuffle_seed=cfg.training.seed + 1000 * epoch + rank)):
+            n += 1
+            if epoch == start_epoch and i < skip:
+                continue  # consumed before the checkpoint we resumed from
+            yield epoch, i, batch
+        if n == 0:
+            raise RuntimeError("the training shard yielded no full batch: fewer rows than "
+                               f"training.batch_size={cfg.training.batch_size} per worker")
+        epoch += 1
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import deepspeed
+    import ray.train
+    from ray.train import Checkpoint
+
+    from ckf_dist.cf_pickup import CFVersionFollower
+    from ckf_dist.checkpoint import export_adapter
+
+    cfg: Config = from_dict(loop_config["config"])
+    tokenizer = loop_config["tokenizer"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_gpu = torch.cuda.is_available() and loop_config["use_gpu"]
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+    log = (lambda msg: print(f"[rank 0] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+
+    # ---- resume state
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "cf_version": None}
+    resume = ray.train.get_checkpoint()
+    resume_dir_ctx = resume.as_directory() if resume else None
+    resume_dir = resume_dir_ctx.__enter__() if resume_dir_ctx else None
+    if resume_dir:
+        with open(os.path.join(resume_dir, STATE_FILE)) as f:
+            state.update(json.load(f))
+        log(f"resuming from checkpoint at step {state['step']} (CF embeddings {state['cf_version']})")
+
+    cf_version, users, items = load_cf_tables(cfg, state["cf_version"])
+    model = build_ckf_model(cfg, tokenizer, users, items, dtype=model_dtype(cfg, use_gpu))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in trainable)
+    n_total = sum(p.numel() for p in model.parameters())
+    log(f"model: {n_total:,} parameters, {n_train:,} trainable ({len(model.lora_layers)} Multi-LoRA layers); "
+        f"CF embeddings {cf_version}")
+    total = cfg.training.max_steps
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.training.lr, weight_decay=cfg.training.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(int(math.ceil(cfg.training.warmup_ratio * total)), total))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=build_deepspeed_config(cfg, world, use_gpu))
+    if resume_dir:
+        engine.load_checkpoint(resume_dir, tag=DS_TAG, load_module_strict=False)
+        resume_dir_ctx.__exit__(None, None, None)
+
+    pad_id = tokenizer.pad_token_id
+    eval_shard = ray.train.get_dataset_shard("eval") if cfg.training.eval_rows else None
+    metrics: dict = {"resumed_from_step": state["step"]}
+    if eval_shard is not None and state["step"] == 0:
+        before = evaluate_shard(engine, eval_shard, cfg, tokenizer, pad_id, device)
+        metrics.update({f"before/{k}": v for k, v in before.items()})
+        log("untrained model on held-out rows: " + _fmt(before))
+
+    follower = CFVersionFollower(cfg, cf_version, log)
+    task_w = _task_weights(cfg).to(device)
+    step = state["step"]
+    t0, tokens = time.time(), 0
+    running: dict[str, list[float]] = {}
+    batches = _batches(ray.train.get_dataset_shard("train"), cfg, pad_id, state["epoch"], state["batch_in_epoch"], rank)
+    while step < total:
+        epoch, index, batch = next(batches)
+        new = follower.maybe_swap(step, engine.module)
+        if new:
+            cf_version = new
+        batch = to_device(batch, device)
+        lam = _curriculum(cfg, step)
+        out = engine(batch, text_weight=lam, task_weights=task_w)
+        engine.backward(out["loss"])
+        engine.step()
+        step += 1
+        tokens += int(batch["attention_mask"].sum())
+        _accumulate(running, out["row_loss"], batch)
+        if step % cfg.training.log_every == 0 or step == total:
+            rate = tokens * world / max(time.time() - t0, 1e-9)
+            log(f"step {step}/{total} loss {out['loss'].item():.4f} lambda {lam:.3f} lr {scheduler.get_last_lr()[0]:.2e} "
+                f"{rate:,.0f} tok/s | " + " ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in sorted(running.items())))
+            running.clear()
+        state.update(step=step, epoch=epoch, batch_in_epoch=index + 1, cf_version=cf_version)
+        if step % cfg.checkpoint.every_steps == 0 and step < total:
+            _save_and_report(engine, state, {"step": step, "cf_version": cf_version}, rank, cfg, tokenizer, None)
+
+    if eval_shard is not None:
+        after = evaluate_shard(engine, eval_shard, cfg, tokenizer, pad_id, device)
+        metrics.update({f"after/{k}": v for k, v in after.items()})
+        log("trained model on held-out rows:   " + _fmt(after))
+    metrics.update(step=step, cf_version=cf_version, train_seconds=time.time() - t0)
+    _save_and_report(engine, state, metrics, rank, cfg, tokenizer, export_adapter if cfg.checkpoint.export_adapter else None)
+
+
+def _curriculum(cfg: Config, step: int) -> float:
+    from ckf_dist.model.ckf import curriculum_text_weight
+
+    return curriculum_text_weight(cfg.training.curriculum, step, cfg.training.max_steps)
+
+
+def _accumulate(running: dict, row_loss: torch.Tensor, batch: dict) -> None:
+    for t, name in scoring.TASK_NAMES.items():
+        for hyb, form in ((False, "text"), (True, "hybrid")):
+            sel = (batch["task_ids"] == t) & (batch["is_hybrid"] == hyb)
+            if bool(sel.any()):
+                running.setdefault(f"{name}/{form}", []).append(float(row_loss[sel].mean()))
+
+
+def _fmt(m: dict) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in sorted(m.items()) if not k.endswith("/rows"))
+
+
+def _save_and_report(engine, state: dict, metrics: dict, rank: int, cfg: Config, tokenizer, export) -> None:
+    """Every rank writes its DeepSpeed shard files into its own temp dir; Ray Train uploads them all into the
+    same checkpoint folder. Rank 0 adds the trainer state (and the adapter export at the end)."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="ckf_ckpt_") as tmp:
+        engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"step": state["step"]}, save_latest=False)
+        if export is not None:
+            export(engine.module, os.path.join(tmp, ADAPTER_DIR), cfg, tokenizer, state, write=rank == 0)
+        if rank == 0:
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                json.dump(state, f, indent=2)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))

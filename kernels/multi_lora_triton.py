@@ -1,0 +1,632 @@
+"""Fused Triton kernels for the batched multi-task LoRA linear (shared adapter 0 + one adapter per task).
+
+Maths (rows sorted by task, segment t = rows ``seg_offsets[t]:seg_offsets[t+1]``, ``x_l`` = LoRA input)::
+
+    y = x W^T + b + s0 * (x_l A_0^T) B_0^T + s * (x_l A_t^T) B_t^T
+
+Design (Liger-Kernel style: jit kernel -> host launcher -> autograd.Function -> module):
+
+* **Concatenated rank.** For a row of task t the shared and the task adapter are one LoRA of rank
+  ``R = r0 + r``: ``h = x_l [A_0; A_t]^T`` (``[N, R]``) and ``y += h diag(s0.., s..) [B_0, B_t]^T``. Every kernel
+  works on that concatenated rank dimension (padded to ``R_PAD``, a power of two >= 16 for ``tl.dot``), so the
+  two adapters cost one shrink and one expand instead of two each. The pieces are read straight from the
+  parameters (no concatenated copy is materialised): rank index ``j < r0`` reads adapter 0, ``j >= r0`` task t.
+* **Task-aligned row tiles.** A row tile never straddles two segments: program ``m`` is mapped on device to
+  (task, first row) by scanning the ``T + 1`` offsets (T <= 16, unrolled). The grid is sized by the upper bound
+  ``cdiv(N, BLOCK_M) + T`` (known from shapes), surplus programs return at once, so ``seg_offsets`` never
+  has to be read on the host: no device->host sync in the hot path. Empty segments own no tile.
+* **One GEMM per direction.** ``_multi_lora_gemm_kernel`` computes ``out = in @ Wt + lora`` with the LoRA
+  expand in the epilogue. The forward uses it as ``y = x W^T + (s h) B_cat^T + b``; the backward uses the very
+  same kernel as ``dX = dY W + (s g) A_cat`` with ``g = dY B_cat`` (the roles of A and B swap, only strides
+  change). With ``FUSE_SHRINK`` the shrink (``h`` or ``g``) is accumulated in the same K loop from the input
+  tile already in registers (x / dY read once); programs of column tile 0 store it for later use.
+  Otherwise a bandwidth-bound ``_shrink_kernel`` computes it first (needed when ``lora_x`` is given, and
+  cheaper for wide outputs: fusing re-does ``R_PAD / BLOCK_N`` extra MMA work per column tile).
+* **Adapter gradients.** ``dB_t = s dY_seg^T h_seg`` and ``dA_t = s (dY_seg B_t)^T x_seg = s g_seg^T x_seg`` are
+  the same segment-wise outer-product reduction, done by ``_seg_outer_kernel`` (one program per
+  (row chunk of one task, column tile), fp32 atomics into ``[T, C, r]`` / ``[C, r0]`` buffers). Row chunks
+  keep the GPU busy even when one task owns most rows; the price is non-deterministic summation order.
+
+The base weight is treated as frozen (the kernels never form dW); if it does require grad, dW (and db)
+are computed with plain torch ops as a correctness fallback.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+# The interpreter (CPU tests) is decided when ``@triton.jit`` runs, i.e. at import of this module.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Autotuning benchmarks configs on the device; under the interpreter that needs a custom do_bench and costs
+# minutes, so it is GPU-only (and can be switched off, e.g. to rule it out when debugging).
+_AUTOTUNE = (not _INTERPRET) and os.environ.get("CKF_LORA_AUTOTUNE", "1") != "0"
+
+MAX_TASKS = 16
+MAX_RANK = 64
+
+
+# ----------------------------------------------------------------------------------------------------------
+# jit helpers
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _segment_tile(pid_m, seg_ptr, n_rows, NUM_TASKS: tl.constexpr, HAS_TASK: tl.constexpr, BLOCK: tl.constexpr):
+    """Maps row-tile id ``pid_m`` to (task, row_start, row_end) with tiles never crossing a segment.
+
+    Tiles are numbered task by task: task t owns ``cdiv(len_t, BLOCK)`` consecutive ids. ``task == -1`` marks a
+    surplus program (the grid is sized by the bound ``cdiv(N, BLOCK) + T``). Without task adapters the rows
+    are one segment [0, n_rows).
+    """
+    if HAS_TASK:
+        task = pid_m * 0 - 1
+        row_start = pid_m * 0
+        row_end = pid_m * 0
+        first_tile = pid_m * 0
+        for t in tl.static_range(NUM_TASKS):
+            lo = tl.load(seg_ptr + t).to(tl.int32)
+            hi = tl.load(seg_ptr + t + 1).to(tl.int32)
+            n_tiles = tl.cdiv(hi - lo, BLOCK)
+            inside = (pid_m >= first_tile) & (pid_m < first_tile + n_tiles)
+            task = tl.where(inside, t, task)
+            row_start = tl.where(inside, lo + (pid_m - first_tile) * BLOCK, row_start)
+            row_end = tl.where(inside, hi, row_end)
+            first_tile += n_tiles
+    else:
+        row_start = pid_m * BLOCK
+        row_end = pid_m * 0 + n_rows
+        task = tl.where(row_start < n_rows, 0, -1)
+    return task, row_start, row_end
+
+
+@triton.jit
+def _load_cat(shared_ptr, s_sj, s_so, task_ptr, t_sj, t_so, j, o, o_mask,
+              R0: tl.constexpr, R1: tl.constexpr, J_FIRST: tl.constexpr):
+    """Loads a tile of the concatenated-rank matrix ``[M_0; M_t]`` (rank index j, other index o) as fp32.
+
+    ``shared_ptr`` / ``task_ptr`` (already offset to task t) hold the two pieces; ``j < R0`` reads the shared
+    piece, ``R0 <= j < R0 + R1`` the task piece (row ``j - R0``), higher j (padding) reads 0.
+    Returns ``[len(j), len(o)]`` if J_FIRST else ``[len(o), len(j)]``.
+    """
+    if J_FIRST:
+        jj = j[:, None]
+        oo = o[None, :]
+        om = o_mask[None, :]
+    else:
+        jj = j[None, :]
+        oo = o[:, None]
+        om = o_mask[:, None]
+    val = tl.zeros_like(jj + oo).to(tl.float32)
+    if R0 > 0:
+        val += tl.load(shared_ptr + jj * s_sj + oo * s_so, mask=(jj < R0) & om, other=0.0).to(tl.float32)
+    if R1 > 0:
+        jt = jj - R0
+        val += tl.load(task_ptr + jt * t_sj + oo * t_so, mask=(jj >= R0) & (jj < R0 + R1) & om,
+                       other=0.0).to(tl.float32)
+    return val
+
+
+# ----------------------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _multi_lora_gemm_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr, out2_ptr, h_ptr, seg_ptr,
+    # shrink operand S[j, k] (only read with FUSE_SHRINK): shared piece, task piece
+    ss_ptr, ss_sj, ss_sk, st_ptr, st_st, st_sj, st_sk,
+    # expand operand E[j, c]: shared piece, task piece
+    es_ptr, es_sj, es_sc, et_ptr, et_st, et_sj, et_sc,
+    n_rows, K, C,
+    stride_xm, stride_xk, stride_wk, stride_wc, stride_om, stride_oc, stride_o2m, stride_o2c,
+    stride_hm, stride_hj,
+    shared_scale, task_scale,
+    NUM_TASKS: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, R_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr, STORE_H: tl.constexpr, SPLIT_OUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``out[n, c] = sum_k x[n, k] Wt[k, c] + sum_j (scale_j h[n, j]) E_t[j, c] (+ bias[c])``.
+
+    Shapes: x [N, K]; Wt [K, C] (given by strides: W^T in the forward, W in the backward); h [N, R_PAD]
+    (written here when FUSE_SHRINK and STORE_H, read otherwise); out (and out2) [N, C]; E_t = [E_0; E_t]
+    [R0 + R1, C]. SPLIT_OUT writes the LoRA term to out2 instead of adding it (backward with a separate
+    ``lora_x``: dX and d(lora_x) are two autograd outputs).
+    """
+    dt = x_ptr.dtype.element_ty
+
+    # Grouped ordering: GROUP_M consecutive row tiles sweep the column tiles together, so the W column
+    # panel stays in L2 while it is reused (and the rows of one task, and so its adapter, stay together).
+    pid = tl.program_id(0)
+    num_tiles_m = tl.cdiv(n_rows, BLOCK_M) + (NUM_TASKS if R1 > 0 else 0)  # same bound as the host grid
+    num_pid_n = tl.cdiv(C, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_tiles_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    task, row_start, row_end = _segment_tile(pid_m, seg_ptr, n_rows, NUM_TASKS, R1 > 0, BLOCK_M)
+    if task < 0:
+        return
+
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    rows64 = rows.to(tl.int64)  # N * d can exceed 2**31
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < C
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_j = tl.arange(0, R_PAD)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    st_task_ptr = st_ptr + task * st_st
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < K
+        xt = tl.load(x_ptr + rows64[:, None] * stride_xm + k[None, :] * stride_xk,
+                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        wt = tl.load(w_ptr + k[:, None] * stride_wk + cols[None, :] * stride_wc,
+                     mask=k_mask[:, None] & col_mask[None, :], other=0.0).to(dt)
+        acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION)
+        if FUSE_SHRINK:
+            # The x tile is already in registers: the shrink costs R_PAD extra MMA columns, no extra load of x.
+            s_tile = _load_cat(ss_ptr, ss_sj, ss_sk, st_task_ptr, st_sj, st_sk, offs_j, k, k_mask, R0, R1, False)
+            h = tl.dot(xt, s_tile.to(dt), h, input_precision=INPUT_PRECISION)
+
+    h_mask = row_mask[:, None] & (offs_j[None, :] < R_PAD)
+    h_ptrs = h_ptr + rows64[:, None] * stride_hm + offs_j[None, :] * stride_hj
+    if R0 + R1 > 0:  # any adapter on this layer
+        if FUSE_SHRINK:
+            # Round like the reference (h is materialised in the activation dtype there too).
+            h = h.to(dt).to(tl.float32)
+            if STORE_H:
+                # Every column tile computed the same h; one of them keeps it for the backward.
+                if pid_n == 0:
+                    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=h_mask)
+        else:
+            h = tl.load(h_ptrs, mask=h_mask, other=0.0).to(tl.float32)
+        scale = tl.where(offs_j < R0, shared_scale, task_scale)
+        hs = (h * scale[None, :]).to(dt)
+        e_tile = _load_cat(es_ptr, es_sj, es_sc, et_ptr + task * et_st, et_sj, et_sc, offs_j, cols, col_mask,
+                           R0, R1, True)
+        lora = tl.dot(hs, e_tile.to(dt), input_precision=INPUT_PRECISION)
+        if SPLIT_OUT:
+            tl.store(out2_ptr + rows64[:, None] * stride_o2m + cols[None, :] * stride_o2c,
+                     lora.to(out2_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+        else:
+            acc += lora
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_oc,
+             acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, h_ptr, seg_ptr,
+    ss_ptr, ss_sj, ss_sk, st_ptr, st_st, st_sj, st_sk,
+    n_rows, K,
+    stride_xm, stride_xk, stride_hm, stride_hj,
+    NUM_TASKS: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, R_PAD: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``h[n, :] = x[n, :] @ S_t^T`` for the task t of row n; x [N, K], S_t = [S_0; S_t] [R0 + R1, K], h [N, R_PAD].
+
+    Bandwidth-bound (one pass over x); used when the shrink input differs from the GEMM input (``lora_x``) or
+    when fusing it into a wide GEMM would cost more MMA work than this extra pass.
+    """
+    dt = x_ptr.dtype.element_ty
+    task, row_start, row_end = _segment_tile(tl.program_id(0), seg_ptr, n_rows, NUM_TASKS, R1 > 0, BLOCK_M)
+    if task < 0:
+        return
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    rows64 = rows.to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_j = tl.arange(0, R_PAD)
+    st_task_ptr = st_ptr + task * st_st
+    h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < K
+        xt = tl.load(x_ptr + rows64[:, None] * stride_xm + k[None, :] * stride_xk,
+                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        s_tile = _load_cat(ss_ptr, ss_sj, ss_sk, st_task_ptr, st_sj, st_sk, offs_j, k, k_mask, R0, R1, False)
+        h = tl.dot(xt, s_tile.to(dt), h, input_precision=INPUT_PRECISION)
+    tl.store(h_ptr + rows64[:, None] * stride_hm + offs_j[None, :] * stride_hj, h.to(h_ptr.dtype.element_ty),
+             mask=row_mask[:, None])
+
+
+@triton.jit
+def _seg_outer_kernel(
+    p_ptr, q_ptr, seg_ptr, os_ptr, ot_ptr,
+    n_rows, C,
+    stride_pm, stride_pc, stride_qm, stride_qj,
+    os_sc, os_sj, ot_st, ot_sc, ot_sj,
+    shared_scale, task_scale,
+    NUM_TASKS: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, R_PAD: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Segment-wise ``G_t[c, j] = scale_j * sum_{n in seg t} P[n, c] Q[n, j]`` (fp32 atomics into the outputs).
+
+    P [N, C] (dY for dB, x_l for dA), Q [N, R_PAD] (h for dB, g = dY B_cat for dA). The shared columns
+    (j < R0) sum over all rows into os [C, R0]; the task columns into ot [T, C, R1] (layouts via strides,
+    so dA [r, d_in] is written transposed in place). One program = one row chunk of one task x BLOCK_C columns.
+    """
+    dt = p_ptr.dtype.element_ty
+    task, row_start, seg_end = _segment_tile(tl.program_id(0), seg_ptr, n_rows, NUM_TASKS, R1 > 0, CHUNK)
+    if task < 0:
+        return
+    row_end = tl.minimum(seg_end, row_start + CHUNK)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    offs_l = tl.arange(0, BLOCK_L)
+    offs_j = tl.arange(0, R_PAD)
+    acc = tl.zeros((BLOCK_C, R_PAD), dtype=tl.float32)
+    for i in range(0, tl.cdiv(row_end - row_start, BLOCK_L)):
+        rows = row_start + i * BLOCK_L + offs_l
+        row_mask = rows < row_end
+        rows64 = rows.to(tl.int64)
+        pt = tl.load(p_ptr + rows64[None, :] * stride_pm + cols[:, None] * stride_pc,
+                     mask=row_mask[None, :] & col_mask[:, None], other=0.0)  # [BLOCK_C, BLOCK_L] = P^T tile
+        qt = tl.load(q_ptr + rows64[:, None] * stride_qm + offs_j[None, :] * stride_qj,
+                     mask=row_mask[:, None], other=0.0).to(dt)
+        acc = tl.dot(pt, qt, acc, input_precision=INPUT_PRECISION)
+    scale = tl.where(offs_j < R0, shared_scale, task_scale)
+    acc = acc * scale[None, :]
+    jj = offs_j[None, :]
+    if R0 > 0:
+        tl.atomic_add(os_ptr + cols[:, None] * os_sc + jj * os_sj, acc,
+                      mask=col_mask[:, None] & (jj < R0))
+    if R1 > 0:
+        tl.atomic_add(ot_ptr + task * ot_st + cols[:, None] * ot_sc + (jj - R0) * ot_sj, acc,
+                      mask=col_mask[:, None] & (jj >= R0) & (jj < R0 + R1))
+
+
+# GPU only: a few configs around the H100 sweet spot. Configs that exceed shared memory or registers are
+# dropped by the autotuner (it times them as inf). The key has no N, so a new token count does not retune.
+_GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+]
+if _AUTOTUNE:
+    _multi_lora_gemm = triton.autotune(configs=_GEMM_CONFIGS, key=["K", "C", "R_PAD", "FUSE_SHRINK", "SPLIT_OUT"])(
+        _multi_lora_gemm_kernel)
+else:
+    _multi_lora_gemm = _multi_lora_gemm_kernel
+
+
+# ----------------------------------------------------------------------------------------------------------
+# host launchers
+# ----------------------------------------------------------------------------------------------------------
+def _input_precision(dtype: torch.dtype) -> str:
+    # fp32 follows torch's matmul setting (TF32 off by default), so the fp32 path is a true fp32 reference.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _rank_pad(r0: int, r1: int) -> int:
+    return max(16, triton.next_power_of_2(max(1, r0 + r1)))
+
+
+class _CatOperand:
+    """Strided view of the concatenated-rank matrix M[j, o] = [M_0; M_t] built from two parameters.
+
+    ``shared``: 2-D piece (or None), ``task``: 3-D stacked piece (or None); ``j_dim``/``o_dim`` say which
+    dimension of the shared piece is the rank j and which the other index o (the task piece has them shifted
+    by one). A [r, d] pieces are (j_dim=0), B [d, r] pieces are (j_dim=1): no transposed copies are made.
+    """
+
+    def __init__(self, shared: Optional[torch.Tensor], task: Optional[torch.Tensor], j_dim: int, dummy: torch.Tensor):
+        o_dim = 1 - j_dim
+        if shared is not None:
+            self.s_ptr, self.s_sj, self.s_so = shared, shared.stride(j_dim), shared.stride(o_dim)
+        else:
+            self.s_ptr, self.s_sj, self.s_so = dummy, 0, 0
+        if task is not None:
+            self.t_ptr, self.t_st = task, task.stride(0)
+            self.t_sj, self.t_so = task.stride(j_dim + 1), task.stride(o_dim + 1)
+        else:
+            self.t_ptr, self.t_st, self.t_sj, self.t_so = dummy, 0, 0, 0
+
+    def kernel_args(self):
+        return (self.s_ptr, self.s_sj, self.s_so, self.t_ptr, self.t_st, self.t_sj, self.t_so)
+
+
+def _gemm_meta(dtype: torch.dtype) -> dict:
+    """Block sizes when not autotuning (interpreter, or CKF_LORA_AUTOTUNE=0)."""
+    if _INTERPRET:
+        # The interpreter runs each program as numpy ops: few, big-ish programs are fastest.
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def _launch_gemm(x, wt_strides, weight, bias, out, out2, h, seg, shrink: _CatOperand, expand: _CatOperand,
+                 r0, r1, num_tasks, shared_scale, task_scale, fuse_shrink, store_h):
+    """out = x @ Wt (+ LoRA epilogue) (+ bias). x [N, K], out [N, C]; Wt strides ``wt_strides`` over ``weight``."""
+    n_rows, k_dim = x.shape
+    c_dim = out.shape[1]
+    r_pad = h.shape[1]
+    has_task = r1 > 0
+    extra_tiles = num_tasks if has_task else 0
+    dummy = out
+
+    def grid(meta):
+        return ((triton.cdiv(n_rows, meta["BLOCK_M"]) + extra_tiles) * triton.cdiv(c_dim, meta["BLOCK_N"]),)
+
+    args = (
+        x, weight, bias.contiguous() if bias is not None else dummy, out, out2 if out2 is not None else dummy, h, seg,
+        *shrink.kernel_args(), *expand.kernel_args(),
+        n_rows, k_dim, c_dim,
+    )
+    strides = (
+        x.stride(0), x.stride(1), wt_strides[0], wt_strides[1], out.stride(0), out.stride(1),
+        out2.stride(0) if out2 is not None else 0, out2.stride(1) if out2 is not None else 0,
+        h.stride(0), h.stride(1), float(shared_scale), float(task_scale),
+    )
+    consts = dict(
+        NUM_TASKS=num_tasks if has_task else 1, R0=r0, R1=r1, R_PAD=r_pad, HAS_BIAS=bias is not None,
+        FUSE_SHRINK=bool(fuse_shrink), STORE_H=bool(store_h), SPLIT_OUT=out2 is not None,
+        INPUT_PRECISION=_input_precision(x.dtype),
+    )
+    if _AUTOTUNE:
+        _multi_lora_gemm[grid](*args, *strides, **consts)
+    else:
+        meta = _gemm_meta(x.dtype)
+        _multi_lora_gemm_kernel[grid(meta)](*args, *strides, **consts, **meta)
+
+
+def _launch_shrink(x, h, seg, shrink: _CatOperand, r0, r1, num_tasks):
+    """h[N, R_PAD] = per-row-task shrink of x [N, K] (pad columns come out 0)."""
+    n_rows, k_dim = x.shape
+    if n_rows == 0:
+        return
+    has_task = r1 > 0
+    if _INTERPRET:
+        meta = dict(BLOCK_M=16, BLOCK_K=32)
+    else:
+        meta = dict(BLOCK_M=64, BLOCK_K=128 if x.element_size() <= 2 else 64, num_warps=4, num_stages=3)
+    grid = (triton.cdiv(n_rows, meta["BLOCK_M"]) + (num_tasks if has_task else 0),)
+    _shrink_kernel[grid](
+        x, h, seg, *shrink.kernel_args(), n_rows, k_dim, x.stride(0), x.stride(1), h.stride(0), h.stride(1),
+        NUM_TASKS=num_tasks if has_task else 1, R0=r0, R1=r1, R_PAD=h.shape[1],
+        INPUT_PRECISION=_input_precision(x.dtype), **meta)
+
+
+def _launch_seg_outer(p, q, seg, out_shared, os_strides, out_task, ot_strides, r0, r1, num_tasks,
+                      shared_scale, task_scale):
+    """Accumulates the shared [C, r0] and task [T, C, r1] adapter gradients (fp32 buffers, zero-filled)."""
+    n_rows, c_dim = p.shape
+    if n_rows == 0:
+        return
+    has_task = r1 > 0
+    if _INTERPRET:
+        # CHUNK = 2 * BLOCK_L so the tests cover both several chunks per segment and a loop inside a chunk.
+        meta = dict(BLOCK_L=16, BLOCK_C=32, CHUNK=32)
+    else:
+        meta = dict(BLOCK_L=64, BLOCK_C=64, num_warps=4, num_stages=3)
+        # Aim at ~1024 programs: enough to fill an H100 even when one task owns every row, while keeping the
+        # number of fp32 atomics (programs x BLOCK_C x R) negligible next to reading P once.
+        n_col = triton.cdiv(c_dim, meta["BLOCK_C"])
+        row_programs = max(1, 1024 // n_col)
+        meta["CHUNK"] = min(4096, max(meta["BLOCK_L"], triton.next_power_of_2(triton.cdiv(n_rows, row_programs))))
+    grid = (triton.cdiv(n_rows, meta["CHUNK"]) + (num_tasks if has_task else 0), triton.cdiv(c_dim, meta["BLOCK_C"]))
+    dummy = q
+    _seg_outer_kernel[grid](
+        p, q, seg, out_shared if out_shared is not None else dummy, out_task if out_task is not None else dummy,
+        n_rows, c_dim, p.stride(0), p.stride(1), q.stride(0), q.stride(1), *os_strides, *ot_strides,
+        float(shared_scale), float(task_scale),
+        NUM_TASKS=num_tasks if has_task else 1, R0=r0, R1=r1, R_PAD=q.shape[1],
+        INPUT_PRECISION=_input_precision(p.dtype), **meta)
+
+
+def _should_fuse(separate_lora_input: bool, fuse_shrink: Optional[bool], r_pad: int, c_dim: int) -> bool:
+    """Fuse the shrink into the GEMM's K loop, or run it as a separate pass over the input?
+
+    Fusing adds ``R_PAD / BLOCK_N`` MMA work to the (compute-bound) GEMM; a separate pass re-reads the input
+    once (bandwidth-bound), about ``~270 / C`` of the GEMM time on an H100 (989 TFLOPs / 3.35 TB/s, bf16).
+    With BLOCK_N = 128 the break-even is ``R_PAD * C ~ 32768``: fuse for narrow outputs or tiny ranks.
+    ``fuse_shrink`` overrides the heuristic (the benchmark times both).
+    """
+    if separate_lora_input:
+        return False
+    if fuse_shrink is not None:
+        return bool(fuse_shrink)
+    return r_pad * c_dim <= 32768
+
+
+class _Dims:
+    """Shapes of one call, derived from tensor shapes only (no device reads)."""
+
+    def __init__(self, x2, weight, shared_a, task_a):
+        self.n_rows, self.d_in = x2.shape
+        self.d_out = weight.shape[0]
+        self.r0 = shared_a.shape[0] if shared_a is not None else 0
+        self.num_tasks = task_a.shape[0] if task_a is not None else 0
+        self.r1 = task_a.shape[1] if task_a is not None else 0
+        self.r_pad = _rank_pad(self.r0, self.r1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# autograd.Function
+# ----------------------------------------------------------------------------------------------------------
+class MultiLoRALinearFn(torch.autograd.Function):
+    """Autograd wrapper: forward = 1 fused GEMM (+1 shrink pass), backward = 1 fused GEMM (+1 shrink pass)
+    + 2 segment-wise reductions. Saves only the LoRA input, ``h = x_l [A_0; A_t]^T`` ([N, R_PAD]) and the
+    parameters (never y)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, shared_a, shared_b, task_a, task_b, seg_offsets, shared_scale, task_scale,
+                lora_x=None, fuse_shrink=None):
+        x2 = x.reshape(-1, x.shape[-1])
+        lx2 = lora_x.reshape(-1, lora_x.shape[-1]) if lora_x is not None else None
+        dims = _Dims(x2, weight, shared_a, task_a)
+        seg = seg_offsets if seg_offsets is not None else x2
+        a_op = _CatOperand(shared_a, task_a, j_dim=0, dummy=x2)
+        b_op = _CatOperand(shared_b, task_b, j_dim=1, dummy=x2)
+        y = torch.empty(dims.n_rows, dims.d_out, dtype=x.dtype, device=x.device)
+        h = torch.empty(dims.n_rows, dims.r_pad, dtype=x.dtype, device=x.device)
+        fuse = _should_fuse(lx2 is not None, fuse_shrink, dims.r_pad, dims.d_out)
+        if dims.n_rows > 0:
+            if not fuse:
+                _launch_shrink(lx2 if lx2 is not None else x2, h, seg, a_op, dims.r0, dims.r1, dims.num_tasks)
+            # y = x W^T: Wt[k, c] = W[c, k]
+            _launch_gemm(x2, (weight.stride(1), weight.stride(0)), weight, bias, y, None, h, seg, a_op, b_op,
+                         dims.r0, dims.r1, dims.num_tasks, shared_scale, task_scale, fuse, store_h=True)
+        ctx.dims = dims
+        ctx.scales = (shared_scale, task_scale)
+        ctx.fuse_shrink = fuse_shrink
+        ctx.has_lora_x = lora_x is not None
+        ctx.x_shape, ctx.lora_x_shape = x.shape, (lora_x.shape if lora_x is not None else None)
+        lora_in = lx2 if lx2 is not None else x2
+        x_for_dw = x2 if weight.requires_grad else None
+        ctx.save_for_backward(lora_in, x_for_dw, weight, shared_a, shared_b, task_a, task_b, seg_offsets, h)
+        return y.reshape(*x.shape[:-1], dims.d_out)
+
+    @staticmethod
+    def backward(ctx, dy):
+        lora_in, x_for_dw, weight, shared_a, shared_b, task_a, task_b, seg_offsets, h = ctx.saved_tensors
+        dims = ctx.dims
+        shared_scale, task_scale = ctx.scales
+        need = ctx.needs_input_grad
+        need_dx, need_dw, need_db = need[0], need[1], need[2]
+        need_dlx = ctx.has_lora_x and need[10]
+        need_da = need[3] or need[5]
+        need_dbb = need[4] or need[6]
+        dy2 = dy.reshape(-1, dims.d_out)
+        seg = seg_offsets if seg_offsets is not None else dy2
+        a_op = _CatOperand(shared_a, task_a, j_dim=0, dummy=dy2)
+        b_op = _CatOperand(shared_b, task_b, j_dim=1, dummy=dy2)
+        lora_args = (dims.r0, dims.r1, dims.num_tasks)
+
+        dx = dlx = None
+        # g = dY [B_0, B_t] ([N, R_PAD]): the shrink of the backward, feeds dX's LoRA term and dA.
+        g = torch.empty(dims.n_rows, dims.r_pad, dtype=dy2.dtype, device=dy2.device)
+        if need_dx or need_dlx:
+            dx = torch.empty(dims.n_rows, dims.d_in, dtype=dy2.dtype, device=dy2.device)
+            dlx = torch.empty_like(dx) if ctx.has_lora_x else None
+            fuse = _should_fuse(False, ctx.fuse_shrink, dims.r_pad, dims.d_in)
+            if dims.n_rows > 0:
+                if not fuse:
+                    _launch_shrink(dy2, g, seg, b_op, *lora_args)
+                # dX = dY W (+ s g A_cat, or into dlx when the LoRA input is a separate tensor): Wt[k, c] = W[k, c]
+                _launch_gemm(dy2, (weight.stride(0), weight.stride(1)), weight, None, dx, dlx, g, seg, b_op, a_op,
+                             *lora_args, shared_scale, task_scale, fuse, store_h=need_da)
+        elif need_da:
+            _launch_shrink(dy2, g, seg, b_op, *lora_args)
+
+        d_sa = d_sb = d_ta = d_tb = None
+        if need_dbb:
+            # dB[c, j] = s_j sum_n dY[n, c] h[n, j]  (B is [d_out, r]: natural layout)
+            buf0 = torch.zeros(dims.d_out, dims.r0, dtype=torch.float32, device=dy2.device) if dims.r0 else None
+            buft = (torch.zeros(dims.num_tasks, dims.d_out, dims.r1, dtype=torch.float32, device=dy2.device)
+                    if dims.r1 else None)
+            _launch_seg_outer(dy2, h, seg, buf0, (dims.r0, 1), buft, (dims.d_out * dims.r1, dims.r1, 1),
+                              *lora_args, shared_scale, task_scale)
+            d_sb = buf0.to(shared_b.dtype) if buf0 is not None and need[4] else None
+            d_tb = buft.to(task_b.dtype) if buft is not None and need[6] else None
+        if need_da:
+            # dA[j, c] = s_j sum_n g[n, j] x_l[n, c]  (A is [r, d_in]: written transposed via strides)
+            buf0 = torch.zeros(dims.r0, dims.d_in, dtype=torch.float32, device=dy2.device) if dims.r0 else None
+            buft = (torch.zeros(dims.num_tasks, dims.r1, dims.d_in, dtype=torch.float32, device=dy2.device)
+                    if dims.r1 else None)
+            _launch_seg_outer(lora_in, g, seg, buf0, (1, dims.d_in), buft, (dims.r1 * dims.d_in, 1, dims.d_in),
+                              *lora_args, shared_scale, task_scale)
+            d_sa = buf0.to(shared_a.dtype) if buf0 is not None and need[3] else None
+            d_ta = buft.to(task_a.dtype) if buft is not None and need[5] else None
+
+        # Frozen base weight is the design point; these torch fallbacks only keep autograd honest otherwise.
+        d_w = (dy2.t().to(x_for_dw.dtype) @ x_for_dw).to(weight.dtype) if need_dw else None
+        d_bias = dy2.sum(0) if need_db else None
+        if dx is not None:
+            dx = dx.reshape(ctx.x_shape) if need_dx else None
+        if dlx is not None:
+            dlx = dlx.reshape(ctx.lora_x_shape) if need_dlx else None
+        return dx, d_w, d_bias, d_sa, d_sb, d_ta, d_tb, None, None, None, dlx, None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------------------
+def multi_lora_linear_triton(x, weight, bias, shared_a, shared_b, task_a, task_b, seg_offsets,
+                             shared_scale: float, task_scale: float, lora_x=None, fuse_shrink: Optional[bool] = None):
+    """Fused Triton multi-task LoRA linear; same maths, shapes and arguments as ``multi_lora_linear_reference``.
+
+    Shapes: x, lora_x [..., d_in] (rows sorted by task); weight [d_out, d_in]; bias [d_out] | None;
+    shared_a [r0, d_in], shared_b [d_out, r0] | None; task_a [T, r, d_in], task_b [T, d_out, r] | None;
+    seg_offsets [T + 1] integer tensor on x's device (never read on the host). Returns [..., d_out].
+    ``fuse_shrink``: None = heuristic, True/False force the shrink into / out of the GEMM (benchmarking).
+    """
+    if (shared_a is None) != (shared_b is None) or (task_a is None) != (task_b is None):
+        raise ValueError("an adapter needs both its A and its B (or neither)")
+    if not (x.is_cuda or _INTERPRET):
+        raise RuntimeError("multi_lora_linear_triton needs CUDA tensors (or TRITON_INTERPRET=1 set before "
+                           "importing ckf_dist.kernels.multi_lora_triton); use impl='torch' on CPU")
+    if shared_a is None and task_a is None:
+        return F.linear(x, weight, bias)
+    if task_a is not None:
+        if seg_offsets is None or seg_offsets.shape != (task_a.shape[0] + 1,):
+            raise ValueError(f"seg_offsets must have shape [T + 1] = [{task_a.shape[0] + 1}]")
+        if seg_offsets.device != x.device:
+            raise ValueError("seg_offsets must live on x's device (no host sync in the hot path)")
+    r_total = (shared_a.shape[0] if shared_a is not None else 0) + (task_a.shape[1] if task_a is not None else 0)
+    if r_total > 2 * MAX_RANK:
+        raise ValueError(f"shared + task rank {r_total} > {2 * MAX_RANK} is not supported by these kernels")
+    if lora_x is not None and lora_x.shape != x.shape:
+        raise ValueError("lora_x must have x's shape")
+    return MultiLoRALinearFn.apply(x, weight, bias, shared_a, shared_b, task_a, task_b, seg_offsets,
+                                   float(shared_scale), float(task_scale), lora_x, fuse_shrink)
+
+
+class MultiLoRALinear(torch.nn.Module):
+    """Thin module: frozen base linear + shared LoRA (rank r0) + T stacked task LoRAs (rank r).
+
+    Parameters are stored stacked (A [T, r, d_in], B [T, d_out, r]) so one kernel applies them all and ZeRO-3
+    can partition them like any parameter. ``forward(x, seg_offsets)`` takes rows already sorted by task.
+    """
+
+    def __init__(self, in_features: int, out_features: int, num_tasks: int, task_rank: int = 16,
+                 shared_rank: int = 16, task_alpha: float = 64.0, shared_alpha: float = 64.0, bias: bool = False,
+                 lora_dropout: float = 0.0, impl: str = "auto", device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, **kw), requires_grad=False)
+        self.bias = torch.nn.Parameter(torch.zeros(out_features, **kw), requires_grad=False) if bias else None
+        self.shared_a = torch.nn.Parameter(torch.empty(shared_rank, in_features, **kw)) if shared_rank else None
+        self.shared_b = torch.nn.Parameter(torch.zeros(out_features, shared_rank, **kw)) if shared_rank else None
+        self.task_a = torch.nn.Parameter(torch.empty(num_tasks, task_rank, in_features, **kw)) if task_rank else None
+        self.task_b = torch.nn.Parameter(torch.zeros(num_tasks, out_features, task_rank, **kw)) if task_rank else None
+        self.shared_scale = shared_alpha / shared_rank if shared_rank else 0.0
+        self.task_scale = task_alpha / task_rank if task_rank else 0.0
+        self.dropout = torch.nn.Dropout(lora_dropout) if lora_dropout > 0 else None
+        self.impl = impl
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        torch.nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        # Standard LoRA init: A random, B zero, so the adapters start as the identity update.
+        for a in (self.shared_a, self.task_a):
+            if a is not None:
+                torch.nn.init.kaiming_uniform_(a.view(-1, a.shape[-1]), a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor, seg_offsets: torch.Tensor) -> torch.Tensor:
+        from . import multi_lora_linear  # the package-level dispatch (torch reference on CPU)
+
+        lora_x = self.dropout(x) if (self.dropout is not None and self.training) else None
+        return multi_lora_linear(x, self.weight, self.bias, self.shared_a, self.shared_b, self.task_a, self.task_b,
+                                 seg_offsets, self.shared_scale, self.task_scale, lora_x=lora_x, impl=self.impl)
+
+
+__all__ = ["multi_lora_linear_triton", "MultiLoRALinearFn", "MultiLoRALinear"]
