@@ -20,6 +20,10 @@ RUNTIME = [
     "safetensors>=0.4",
     "scikit-learn>=1.4",
     "numpy>=1.26",
+    # ckf_dist.evaluate: explanation metrics and the comparison chart
+    "sacrebleu>=2.4",
+    "rouge-score>=0.1.2",
+    "matplotlib>=3.8",
 ]
 
 setup(
@@ -37,5 +41,6 @@ setup(
         # SmolLM2-135M as a GGUF file (issue 5 quality runs); transformers needs gguf + accelerate to load it.
         "gguf": ["gguf>=0.10", "accelerate>=1.0"],
     },
-    entry_points={"console_scripts": ["ckf-train=ckf_dist.train:main", "ckf-prepare=ckf_dist.data.prepare:main"]},
+    entry_points={"console_scripts": ["ckf-train=ckf_dist.train:main", "ckf-prepare=ckf_dist.data.prepare:main",
+                                        "ckf-evaluate=ckf_dist.evaluate:main"]},
 )

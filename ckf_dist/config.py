@@ -14,7 +14,11 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-TASKS = ("ctr", "topk", "rating", "explanation")
+TASKS = ("ctr", "topk", "rating", "explanation", "review_rating")
+# data.tasks default: the four CKF tasks; "review_rating" (review -> rating, the authors' variant) is opt-in.
+DEFAULT_TASKS = ("ctr", "topk", "rating", "explanation")
+# data.column_map keys for data.source=generic (canonical name -> column name in the file).
+GENERIC_COLUMNS = ("user", "item", "rating", "label", "timestamp", "title", "review")
 
 
 class ConfigError(ValueError):
@@ -34,8 +38,23 @@ class S3Config:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | movielens-100k
-    raw_path: str = ""  # folder of the raw files for real sources (e.g. ../shared/data/ml-100k)
+    # synthetic | movielens-100k | movielens-1m | amazon-reviews | recbole | generic
+    source: str = "synthetic"
+    # Raw files for real sources: a folder (movielens-*, recbole; e.g. ../shared/data/ml-100k) or a file
+    # (amazon-reviews: .json/.jsonl/.gz/.zip or a folder holding one; generic: .csv/.tsv/.parquet).
+    raw_path: str = ""
+    # Optional item titles: amazon-reviews meta_*.json (asin, title); generic: a CSV/parquet with item + title
+    # columns (named through column_map); recbole: the .item file when raw_path holds several.
+    meta_path: str = ""
+    # generic: canonical name (user, item, rating | label, timestamp, title, review) -> column in the file;
+    # unmapped names use the canonical name itself.
+    column_map: dict[str, str] = field(default_factory=dict)
+    csv_delimiter: str = ","  # generic CSV files
+    max_users: int = 0  # > 0: keep a deterministic sample of this many users (hash of raw id + seed); 0 = all
+    # Review sentence used as the explanation answer / review_rating input: the first sentence with at least
+    # review_min_words words, cut to review_max_words words.
+    review_min_words: int = 4
+    review_max_words: int = 40
     # Prepared shards: a local folder or s3://bucket/prefix. "" = ~/.cache/ckf_dist/data/<source>.
     path: str = ""
     prepare_if_missing: bool = True
@@ -45,7 +64,7 @@ class DataConfig:
     num_clusters: int = 4
     interactions_per_user: int = 24
     # Prompt construction.
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
     history_len: int = 6  # items of history shown in a prompt (most recent first-cut)
     num_candidates: int = 5  # top-K candidate list size (1 positive + K-1 negatives)
     cold_user_max_interactions: int = 5  # users with <= this many interactions are flagged cold
@@ -66,6 +85,10 @@ class TinyModelConfig:
     num_kv_heads: int = 2
     intermediate_size: int = 128
     vocab_size: int = 1024  # BPE vocabulary trained on the item titles and prompt templates
+    # Std of the frozen random output head. HF's 0.02 caps logits near +-1.3 after the final RMSNorm
+    # (|h| ~ sqrt(hidden)), so no adapter could ever make a confident prediction through it; 0.25 gives the
+    # frozen head a usable range (a pretrained head has one by training).
+    output_init_std: float = 0.25
 
 
 @dataclass
@@ -121,7 +144,7 @@ class LoRAConfig:
 class TrainingConfig:
     max_steps: int = 300
     batch_size: int = 16  # rows (samples) per worker per step, before the text/hybrid doubling
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 1e-3
     warmup_ratio: float = 0.05
     grad_clip: float = 0.3
@@ -164,6 +187,23 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    """``python -m ckf_dist.evaluate`` (see its module docstring for the metrics and the ablation switches)."""
+
+    form: str = "hybrid"  # hybrid (soft tokens) | text (titles only, no soft tokens)
+    split: str = "test"  # train | valid | test
+    tasks: list[str] = field(default_factory=list)  # [] = data.tasks
+    groups: list[str] = field(default_factory=lambda: ["all", "warm", "cold"])
+    batch_size: int = 16  # samples per inference batch (a top-K sample is num_candidates rows)
+    max_rows: int = 0  # per task; 0 = every row of the split
+    max_new_tokens: int = 32  # greedy decoding length for explanations (ratings use at most 8)
+    topk_score: str = "mean"  # mean | sum: log-prob of a candidate title's tokens (+ eos) given the prompt
+    baseline: str = "none"  # none | cf-only (u.v of the CF tables; no checkpoint needed)
+    concurrency: int = 0  # inference actors; 0 = one per GPU, else 1
+    out: str = ""  # report path ("" = ./eval_report.json); the chart goes beside it (.png)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -173,6 +213,7 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _choice(name: str, value: str, allowed) -> None:
@@ -182,7 +223,15 @@ def _choice(name: str, value: str, allowed) -> None:
 
 def validate(cfg: Config) -> Config:
     """Checks values that type-check but cannot work; raises ConfigError naming the key."""
-    _choice("data.source", cfg.data.source, {"synthetic", "movielens-100k"})
+    _choice("data.source", cfg.data.source,
+            {"synthetic", "movielens-100k", "movielens-1m", "amazon-reviews", "recbole", "generic"})
+    for key in cfg.data.column_map:
+        _choice("data.column_map key", key, set(GENERIC_COLUMNS))
+    if cfg.data.max_users < 0:
+        raise ConfigError(f"data.max_users={cfg.data.max_users} must be >= 0 (0 = all users)")
+    if not 1 <= cfg.data.review_min_words <= cfg.data.review_max_words:
+        raise ConfigError(f"data.review_min_words={cfg.data.review_min_words} and data.review_max_words="
+                          f"{cfg.data.review_max_words} must satisfy 1 <= min <= max")
     if not cfg.data.tasks:
         raise ConfigError("data.tasks is empty: name at least one of " + ", ".join(TASKS))
     for task in cfg.data.tasks:
@@ -239,6 +288,19 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("checkpoint.every_steps must be >= 1")
     if not cfg.checkpoint.run_name or "/" in cfg.checkpoint.run_name:
         raise ConfigError(f"checkpoint.run_name={cfg.checkpoint.run_name!r} must be a non-empty name without '/'")
+    _choice("eval.form", cfg.eval.form, {"hybrid", "text"})
+    _choice("eval.split", cfg.eval.split, {"train", "valid", "test"})
+    for task in cfg.eval.tasks:
+        _choice("eval.tasks[]", task, set(TASKS))
+    for group in cfg.eval.groups:
+        _choice("eval.groups[]", group, {"all", "warm", "cold"})
+    _choice("eval.topk_score", cfg.eval.topk_score, {"mean", "sum"})
+    _choice("eval.baseline", cfg.eval.baseline, {"none", "cf-only"})
+    for key in ("batch_size", "max_new_tokens"):
+        if getattr(cfg.eval, key) < 1:
+            raise ConfigError(f"eval.{key} must be >= 1")
+    if cfg.eval.max_rows < 0 or cfg.eval.concurrency < 0:
+        raise ConfigError("eval.max_rows and eval.concurrency must be >= 0")
     return cfg
 
 
@@ -288,6 +350,7 @@ def load_config(argv: Optional[list[str]] = None) -> Config:
     # Free-form mappings: their keys are data, not config keys (DeepSpeed JSON keys, task names checked later).
     OmegaConf.set_struct(cfg.deepspeed.extra, False)
     OmegaConf.set_struct(cfg.training.task_weights, False)
+    OmegaConf.set_struct(cfg.data.column_map, False)
     if yaml_path:
         try:
             cfg = OmegaConf.merge(cfg, _load_yaml(yaml_path))

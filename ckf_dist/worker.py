@@ -201,6 +201,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         new = follower.maybe_swap(step, engine.module)
         if new:
             cf_version = new
+            state.setdefault("cf_swaps", []).append({"step": step, "version": new})
         batch = to_device(batch, device)
         lam = _curriculum(cfg, step)
         out = engine(batch, text_weight=lam, task_weights=task_w)
@@ -257,4 +258,7 @@ def _save_and_report(engine, state: dict, metrics: dict, rank: int, cfg: Config,
         if rank == 0:
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump(state, f, indent=2)
+        # Every rank records the embedding swaps it made (an audit that all ranks swapped at the same step).
+        with open(os.path.join(tmp, f"cf_swaps_rank{rank}.json"), "w") as f:
+            json.dump(state.get("cf_swaps", []), f)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))

@@ -111,7 +111,8 @@ def movielens(tmp_path_factory):
 
 @pytest.mark.parametrize("model", ["mf", "lightgcn"])
 def test_movielens_100k(movielens, model, capsys):
-    cfg = CFConfig(model=model, loss="bpr", dim=32, epochs=30, batch_size=4096, lr=0.01, patience=4)
+    cfg = CFConfig(model=model, loss="bpr", dim=32, epochs=30 if model == "mf" else 20, batch_size=4096, lr=0.01,
+                   patience=4)
     res = train_cf(movielens, cfg, progress=QUIET)
     test = evaluate_tables(res.user_table, res.item_table, movielens, "test")
     with capsys.disabled():

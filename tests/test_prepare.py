@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pytest
 
-from ckf_dist.config import load_config
+from ckf_dist.config import DEFAULT_TASKS, load_config
 from ckf_dist.data import schema
 from ckf_dist.data.io import get_filesystem
 from ckf_dist.data.prepare import FORMAT_VERSION, is_prepared, main, prepare
@@ -43,7 +43,7 @@ def test_synthetic_schemas_and_manifest(synthetic_set):
         table = _read(root, f"prompts/{split}")
         assert table.schema.equals(schema.PROMPTS_SCHEMA)
         assert table.num_rows == manifest["prompt_rows_per_split"][split] == sum(manifest["prompts"][split].values())
-        assert sorted(manifest["prompts"][split]) == sorted(schema.TASK_IDS)
+        assert sorted(manifest["prompts"][split]) == sorted(DEFAULT_TASKS)  # review_rating is opt-in
         assert pc.all(pc.equal(table.column("split"), split)).as_py()
         assert len(set(table.column("sample_id").to_pylist())) == table.num_rows
     on_disk = json.loads(open(f"{root}/{schema.MANIFEST}").read())

@@ -106,3 +106,65 @@ def test_embedded_default_run(tmp_path):
     rmse_before, rmse_after = rows["rating/rmse"]
     assert rmse_after < rmse_before, rows["rating/rmse"]
     assert (tmp_path / "ckf_runs" / "ckf-default" / "adapter" / "adapter.safetensors").exists()
+
+
+def test_live_cf_pickup_on_both_workers_and_resume(s3_server, ray_local):
+    """A version published while a 2-worker job runs is picked up by both workers at the same step; a resumed
+    run reloads the version its checkpoint names."""
+    import json
+    import threading
+    import time
+
+    import numpy as np
+
+    from ckf_dist.cf.store import latest_version, load_version, publish_version
+    from ckf_dist.config import resolve_embeddings_path
+    from ckf_dist.data import io
+    from ckf_dist.train import ensure_data, ensure_embeddings, run
+
+    cfg = _cfg(s3_server, "pickup-run", 60, **{"cf.refresh_check_every_steps": 2, "checkpoint.every_steps": 4,
+                                               "training.eval_rows": 0})
+    ensure_data(cfg)
+    first_version = ensure_embeddings(cfg)
+    root = resolve_embeddings_path(cfg)
+    fs, runs = io.get_filesystem(io.join(cfg.checkpoint.storage_path, cfg.checkpoint.run_name), cfg.data.s3)
+    published = {}
+
+    def publish_when_training():
+        # Wait for the run's first checkpoint (step 4): training is under way.
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if io.exists(fs, runs) and any("checkpoint_" in f.path for f in fs.get_file_info(
+                    __import__("pyarrow.fs", fromlist=["FileSelector"]).FileSelector(runs))):
+                break
+            time.sleep(0.2)
+        old = load_version(root, first_version, s3=cfg.data.s3)
+        rng = np.random.default_rng(7)
+        users = old.user_table + rng.normal(scale=0.1, size=old.user_table.shape).astype(np.float32)
+        published["version"] = publish_version(
+            root, users, old.item_table, user_ids=old.user_ids, item_ids=old.item_ids, model_type="mf",
+            metrics={}, data_snapshot={"note": "mid-run test"}, keep=5, s3=cfg.data.s3, progress=lambda m: None)
+
+    thread = threading.Thread(target=publish_when_training)
+    thread.start()
+    result = run(cfg)
+    thread.join()
+    new_version = published["version"]
+    assert latest_version(root, s3=cfg.data.s3) == new_version != first_version
+    assert result.metrics["cf_version"] == new_version
+    ckpt_fs, ckpt = result.checkpoint.filesystem, result.checkpoint.path
+    swaps = []
+    for rank in (0, 1):
+        with ckpt_fs.open_input_stream(f"{ckpt}/cf_swaps_rank{rank}.json") as f:
+            swaps.append(json.loads(f.read()))
+    assert swaps[0] == swaps[1] and len(swaps[0]) == 1, swaps
+    assert swaps[0][0]["version"] == new_version and swaps[0][0]["step"] % 2 == 0 and 4 < swaps[0][0]["step"] < 60
+
+    # Resume: the same run name continues on the version its checkpoint names, even when a newer one exists.
+    old = load_version(root, new_version, s3=cfg.data.s3)
+    newest = publish_version(root, old.user_table, old.item_table, user_ids=old.user_ids, item_ids=old.item_ids,
+                             model_type="mf", metrics={}, data_snapshot={}, keep=5, s3=cfg.data.s3,
+                             progress=lambda m: None)
+    assert latest_version(root, s3=cfg.data.s3) == newest
+    resumed = run(_cfg(s3_server, "pickup-run", 62, **{"cf.refresh_check_every_steps": 0, "training.eval_rows": 0}))
+    assert resumed.metrics["resumed_from_step"] == 60 and resumed.metrics["cf_version"] == new_version

@@ -29,7 +29,8 @@ Guarantees
   the last PUT wins; the pointer still names a complete, verified version (never a torn one), but it may
   name the older of the two until the next publish. Each publisher re-reads the pointer after writing
   and re-asserts a newer id once, which narrows that window to a few milliseconds. Run one refresh
-  schedule per root (the RayCronJob uses ``concurrencyPolicy: Forbid``) for strict ordering on S3.
+  schedule per root for strict ordering on S3 (cluster/: the CronJob uses ``concurrencyPolicy: Forbid``,
+  the RayCronJob an ``activeDeadlineSeconds`` shorter than its interval).
 * Clean-up keeps the newest ``keep`` complete versions and never deletes the version the pointer names.
   A trainer that pinned an older version (e.g. in a checkpoint) can load it until it falls out of the
   ``keep`` window; past that, ``load_version`` raises FileNotFoundError naming it and what is available.
@@ -322,8 +323,9 @@ def load_version(root: str, version: Optional[str] = None, s3: Optional[S3Config
             raise FileNotFoundError(f"no published embedding version under {root} (no '{POINTER}' pointer)")
         try:
             return _load(fs, path, root, ptr["version"], ptr.get("manifest_sha256"))
-        except FileNotFoundError:
-            # the pointer moved and clean-up removed the version between our reads: read the pointer again
+        except (FileNotFoundError, CorruptVersionError):
+            # A publish moved the pointer and its clean-up removed this version while we read it: read the
+            # pointer again. A pointer that did not move means the fault is real: raise it.
             if attempt == 2 or _read_pointer(fs, path, root) == ptr:
                 raise
     raise AssertionError("unreachable")
@@ -356,6 +358,9 @@ def _load(fs: pafs.FileSystem, path: str, root: str, version: str, manifest_sha:
         try:
             data = _read_bytes(fs, io.join(vdir, fname))
         except FileNotFoundError:
+            if not io.exists(fs, io.join(vdir, MANIFEST_FILE)):
+                raise FileNotFoundError(f"{where} was deleted (clean-up of old versions) while loading; "
+                                        f"available: {_scan(fs, path)[0]}") from None
             raise CorruptVersionError(f"{where}: file {fname} is missing") from None
         digest = hashlib.sha256(data).hexdigest()
         if digest != meta.get("sha256"):

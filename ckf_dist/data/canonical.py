@@ -4,7 +4,8 @@ each interaction's history window.
 Ids: raw ids are sorted (numerically when every raw id of the table is an integer, e.g. MovieLens' "1".."943";
 lexicographically otherwise) and numbered 0..n-1, so the same raw data always gets the same ids. Users are
 those with at least one valid interaction; items are the whole catalogue (items nobody interacted with are
-kept: they are valid negatives).
+kept: they are valid negatives). An item without a (non-empty) title is called "item <raw id>"; the manifest
+counts them (``num_items_fallback_title``).
 
 Split rule (per user, by time; ties broken by item id): with ``T = data.test_per_user`` and ``n`` the user's
 interactions, ``h = min(2T, n - 1)`` interactions are held out: the last ``ceil(h / 2)`` go to test, the
@@ -50,6 +51,7 @@ class Canonical:
     raw_item_ids: list  # [num_items] str
     titles: list  # [num_items] str
     is_cold_user: np.ndarray  # bool [num_users]
+    num_fallback_titles: int = 0  # items whose title was missing or empty and became "item <raw id>"
 
     @property
     def num_users(self) -> int:
@@ -162,7 +164,8 @@ def build_canonical(raw: RawData, cfg: DataConfig) -> Canonical:
     hist_start, hist_end = history_windows(user, timestamp, user_start, cfg.history_len)
     raw_item_ids = item_vocab.to_pylist()
     fallback = pc.binary_join_element_wise("item ", item_vocab, "")  # for a missing or empty title
-    titles = pc.coalesce(clean_text_array(titles_by_code), fallback).to_pylist()
+    cleaned_titles = clean_text_array(titles_by_code)
+    titles = pc.coalesce(cleaned_titles, fallback).to_pylist()
     return Canonical(
         user=user, item=item, rating=rating, timestamp=timestamp,
         review=review,
@@ -170,4 +173,5 @@ def build_canonical(raw: RawData, cfg: DataConfig) -> Canonical:
         hist_start=hist_start, hist_end=hist_end, user_start=user_start,
         raw_user_ids=user_vocab.to_pylist(), raw_item_ids=raw_item_ids, titles=titles,
         is_cold_user=np.diff(user_start) <= cfg.cold_user_max_interactions,
+        num_fallback_titles=cleaned_titles.null_count,
     )

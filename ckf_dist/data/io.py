@@ -91,3 +91,51 @@ def delete_if_exists(fs: pafs.FileSystem, path: str) -> None:
         fs.delete_dir(path)
     elif info.type == pafs.FileType.File:
         fs.delete_file(path)
+
+
+def read_bytes(fs: pafs.FileSystem, path: str, display: Optional[str] = None) -> bytes:
+    """Reads a whole file as bytes; raises FileNotFoundError naming it (``display`` = the name to show)."""
+    name = display or path
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"file not found: {name}")
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"not a file: {name}")
+    with fs.open_input_stream(path, compression=None) as f:  # no transparent .gz decoding: callers decide
+        return f.read()
+
+
+def decompressed_text(data: bytes, name: str, encoding: str = "utf-8") -> tuple[str, str]:
+    """(text, display name) of a file's bytes: ``.gz`` is gunzipped; a ``.zip`` must hold exactly one data file
+    (shown as ``archive.zip:member``); anything else is read as is. Undecodable bytes become U+FFFD so the
+    parser reports the bad line. Raises ValueError naming the file for a corrupt or ambiguous archive."""
+    import gzip
+    import io as _io
+    import zipfile
+
+    lower = name.lower()
+    try:
+        if lower.endswith(".gz"):
+            data = gzip.decompress(data)
+        elif lower.endswith(".zip"):
+            with zipfile.ZipFile(_io.BytesIO(data)) as zf:
+                members = [m for m in zf.namelist()
+                           if not m.endswith("/") and not m.startswith("__MACOSX/") and not m.rsplit("/", 1)[-1].startswith(".")]
+                if len(members) != 1:
+                    raise ValueError(f"{name}: expected exactly one file in the zip archive, found {members}")
+                data = zf.read(members[0])
+                name = f"{name}:{members[0]}"
+                if members[0].lower().endswith(".gz"):
+                    data = gzip.decompress(data)
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise ValueError(f"{name}: cannot decompress ({exc})") from exc
+    return data.decode(encoding, errors="replace"), name
+
+
+def text_lines(text: str):
+    """(1-based line number, line) for every line; a final newline does not make an extra empty line and a
+    trailing carriage return is dropped."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return enumerate((ln.rstrip("\r") for ln in lines), start=1)

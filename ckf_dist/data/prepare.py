@@ -113,6 +113,8 @@ def prepare(cfg: Config, out_path: Optional[str] = None, force: bool = False,
     raw = read_source(cfg.data)
     clock(f"read {cfg.data.source}", f"{raw.interactions.num_rows} interactions, {raw.items.num_rows} items, "
           f"{raw.bad_rows.total} bad rows")
+    for note in raw.notes:
+        progress(f"[prepare] note: {note}")
     if raw.bad_rows.total:
         progress("[prepare] " + raw.bad_rows.summary())
     data = build_canonical(raw, cfg.data)
@@ -143,6 +145,8 @@ def prepare(cfg: Config, out_path: Optional[str] = None, force: bool = False,
         "num_items": data.num_items,
         "num_interactions": data.num_interactions,
         "num_cold_users": int(data.is_cold_user.sum()),
+        "num_items_fallback_title": data.num_fallback_titles,
+        "source_notes": list(raw.notes),
         "interactions_per_split": split_counts,
         "prompts": prompts.counts,
         "prompt_rows_per_split": {s: sum(prompts.counts[s].values()) for s in SPLITS},

@@ -1,4 +1,5 @@
-"""Prompt rows (``schema.PROMPTS_SCHEMA``) for the four CKF tasks, in text-only and hybrid form.
+"""Prompt rows (``schema.PROMPTS_SCHEMA``) for the four CKF tasks and the review -> rating variant, in text-only
+and hybrid form.
 
 For each split, the targets are that split's interactions; a prompt's history is the user's interactions
 strictly before the target in time (``Canonical.hist_start/hist_end``), never the full log. Hybrid prompts put
@@ -13,13 +14,21 @@ ctr             The user <cf> interacted with: h1; h2. Will the user enjoy t <cf
 topk            The user <cf> interacted with: h1; h2. Candidates: c1 <cf>; c2 <cf>; ... Which will    title
                 the user choose next?
 rating          The user <cf> rated: h1: 4; h2: 5. How will the user rate t <cf>? Answer 1 to 5.        "4"
-explanation     The user <cf> interacted with: h1; h2. Explain what the user thinks of t <cf>.          review
+explanation     The user <cf> interacted with: h1; h2. Explain what the user thinks of t <cf>.          sentence
+review_rating   The user <cf> wrote about t <cf>: 'sentence'. What rating did the user give? Answer    "4"
+                1 to 5.
 ==============  ====================================================================================  =========
+
+"sentence" is one sentence of the user's review of the target (``raw.review_sentence``: the first with at least
+``data.review_min_words`` words, cut to ``data.review_max_words``). review_rating rows carry the history ids
+(for the user's soft token) but list no history titles: the review is the evidence. Tasks whose data a
+source lacks are skipped with the reason in the manifest (rating, review_rating: no ratings; explanation,
+review_rating: no reviews).
 
 A user without history reads "The user <cf> is new." Labels: ctr 1/0 (rating > 3; every interaction of an
 implicit-feedback source is positive), plus sampled never-interacted items as label-0 rows until the classes
 balance; topk: index of the positive among ``data.num_candidates`` shuffled candidates (the rest are sampled
-never-interacted items); rating: the rating; explanation: -1. Rows of a split are written in a seeded random
+never-interacted items); rating, review_rating: the rating; explanation: -1. Rows of a split are written in a seeded random
 order so that a streaming reader's local shuffle buffer sees all tasks mixed. Everything is deterministic for
 a given ``data.seed`` (each (split, task) has its own generator, so dropping a task changes no other task).
 """
@@ -34,6 +43,7 @@ import pyarrow.compute as pc
 
 from ckf_dist.config import DataConfig
 from ckf_dist.data.canonical import SPLIT_CODES, Canonical
+from ckf_dist.data.raw import review_sentences
 from ckf_dist.data.schema import PLACEHOLDER, PROMPTS_SCHEMA, SPLITS, TASK_IDS, expected_placeholders
 
 P = " " + PLACEHOLDER  # the placeholder as it follows the user / a title
@@ -197,12 +207,27 @@ def _rating(data, r, rows, split):
     return _task_table(data, split, "rating", rows, items[:, None], data.rating[rows], hybrid, answers)
 
 
-def _explanation(data, r, rows, split):
+def _with_review(data, rows, cfg):
+    """(rows that have a review, their review sentences)."""
     rows = rows[pc.is_valid(data.review.take(pa.array(rows))).to_numpy(zero_copy_only=False)]
+    return rows, review_sentences(data.review.take(pa.array(rows)), cfg.review_min_words, cfg.review_max_words)
+
+
+def _explanation(data, r, rows, split, cfg):
+    rows, sentences = _with_review(data, rows, cfg)
     items = data.item[rows]
     hybrid = _concat(r.intro.take(pa.array(rows)), " Explain what the user thinks of ", r.title(items), f"{P}.")
     return _task_table(data, split, "explanation", rows, items[:, None], np.full(rows.size, -1.0), hybrid,
-                       data.review.take(pa.array(rows)))
+                       sentences)
+
+
+def _review_rating(data, r, rows, split, cfg):
+    rows, sentences = _with_review(data, rows[~np.isnan(data.rating[rows])], cfg)
+    items = data.item[rows]
+    hybrid = _concat(f"The user{P} wrote about ", r.title(items), f"{P}: '", sentences,
+                     "'. What rating did the user give? Answer 1 to 5.")
+    answers = pc.cast(pa.array(data.rating[rows].astype(np.int64)), pa.string())
+    return _task_table(data, split, "review_rating", rows, items[:, None], data.rating[rows], hybrid, answers)
 
 
 def check_placeholders(table: pa.Table) -> None:
@@ -228,6 +253,9 @@ def build_prompts(data: Canonical, cfg: DataConfig, has_ratings: bool, has_revie
         skipped["rating"] = f"source {source!r} has no ratings (implicit feedback)"
     if "explanation" in cfg.tasks and not has_reviews:
         skipped["explanation"] = f"source {source!r} has no review text to explain"
+    if "review_rating" in cfg.tasks and not (has_ratings and has_reviews):
+        missing = " and ".join(w for w, ok in (("ratings", has_ratings), ("review text", has_reviews)) if not ok)
+        skipped["review_rating"] = f"source {source!r} has no {missing}"
     for task, reason in skipped.items():
         if progress:
             progress(f"[prepare] task {task!r} skipped: {reason}")
@@ -248,8 +276,12 @@ def build_prompts(data: Canonical, cfg: DataConfig, has_ratings: bool, has_revie
                 table = _topk(data, renderer, sampler, rng, rows, split, cfg.num_candidates)
             elif task == "rating":
                 table = _rating(data, renderer, rows, split)
+            elif task == "explanation":
+                table = _explanation(data, renderer, rows, split, cfg)
+            elif task == "review_rating":
+                table = _review_rating(data, renderer, rows, split, cfg)
             else:
-                table = _explanation(data, renderer, rows, split)
+                raise ValueError(f"data.tasks: unknown task {task!r}; known: {sorted(TASK_IDS)}")
             parts.append(table)
         table = pa.concat_tables(parts) if parts else PROMPTS_SCHEMA.empty_table()
         check_placeholders(table)

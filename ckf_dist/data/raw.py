@@ -16,7 +16,9 @@ Everything after that (contiguous ids, the per-user time split, cold flags, prom
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -44,6 +46,10 @@ RAW_ITEMS_SCHEMA = pa.schema([
 SOURCES: dict[str, str] = {
     "synthetic": "ckf_dist.data.synthetic:read",
     "movielens-100k": "ckf_dist.data.movielens:read_100k",
+    "movielens-1m": "ckf_dist.data.movielens:read_1m",
+    "amazon-reviews": "ckf_dist.data.amazon:read",
+    "recbole": "ckf_dist.data.recbole:read",
+    "generic": "ckf_dist.data.generic:read",
 }
 
 
@@ -92,6 +98,7 @@ class RawData:
     bad_rows: BadRows = field(default_factory=BadRows)
     files: list[str] = field(default_factory=list)  # the input files read, for the manifest
     extras: dict[str, Any] = field(default_factory=dict)  # source-specific facts (e.g. the planted clusters)
+    notes: list[str] = field(default_factory=list)  # human-readable facts for the manifest (fallback titles, ...)
 
     @property
     def has_ratings(self) -> bool:
@@ -136,10 +143,57 @@ def clean_text_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     return pc.if_else(pc.equal(out, ""), pa.scalar(None, pa.string()), out)
 
 
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|(?<=[a-z][.!?])(?=[A-Z])")
+
+
+def review_sentence(text: str | None, min_words: int = 4, max_words: int = 40) -> str | None:
+    """The review sentence used as an explanation answer (and review_rating input), deterministically: the first
+    sentence with at least ``min_words`` words (sentences end at ``.!?`` followed by a space, or by a capital
+    letter as in "cheap.It works"), cut to its first ``max_words`` words; when no sentence is that long, the
+    whole review cut to ``max_words`` words. Whitespace is collapsed, so the result is a substring of the
+    whitespace-collapsed review. None or an empty review gives None."""
+    if text is None:
+        return None
+    text = " ".join(text.split())
+    if not text:
+        return None
+    for sentence in _SENTENCE_SPLIT.split(text):
+        words = sentence.split()
+        if len(words) >= min_words:
+            return " ".join(words[:max_words])
+    return " ".join(text.split()[:max_words])
+
+
+def review_sentences(values: pa.Array | pa.ChunkedArray, min_words: int, max_words: int) -> pa.Array:
+    """:func:`review_sentence` over an Arrow string array (nulls stay null)."""
+    return pa.array([review_sentence(v, min_words, max_words) for v in values.to_pylist()], pa.string())
+
+
+def user_sample_keys(raw_user_ids: list[str], seed: int) -> list[int]:
+    """A stable pseudo-random key per raw user id (sha256 of ``"<seed>:<id>"``): independent of file order,
+    platform and Python's hash randomisation."""
+    return [int.from_bytes(hashlib.sha256(f"{seed}:{u}".encode()).digest()[:8], "big") for u in raw_user_ids]
+
+
+def sample_users(raw: RawData, max_users: int, seed: int) -> RawData:
+    """Keeps the ``max_users`` users with the smallest :func:`user_sample_keys` (all of them when ``max_users``
+    is 0 or not smaller than the user count); the item catalogue is kept whole. Adds a note saying so."""
+    users = pc.unique(raw.interactions.column("raw_user_id")).to_pylist()
+    if max_users <= 0 or max_users >= len(users):
+        return raw
+    keys = user_sample_keys(users, seed)
+    kept = [u for _, u in sorted(zip(keys, users))[:max_users]]
+    mask = pc.is_in(raw.interactions.column("raw_user_id"), value_set=pa.array(kept, pa.string()))
+    raw.interactions = raw.interactions.filter(mask)
+    raw.notes.append(f"data.max_users={max_users}: kept a deterministic sample of {max_users} of {len(users)} users "
+                     f"({raw.interactions.num_rows} interactions; sha256 of seed and raw user id)")
+    return raw
+
+
 def read_source(cfg: DataConfig) -> RawData:
-    """Runs the reader registered for ``cfg.source`` and validates its output."""
+    """Runs the reader registered for ``cfg.source``, applies ``data.max_users`` and validates the output."""
     if cfg.source not in SOURCES:
         raise ValueError(f"data.source={cfg.source!r} has no reader; known: {sorted(SOURCES)}")
     module_name, func_name = SOURCES[cfg.source].split(":")
     reader: Callable[[DataConfig], RawData] = getattr(importlib.import_module(module_name), func_name)
-    return reader(cfg).validate()
+    return sample_users(reader(cfg), cfg.max_users, cfg.seed).validate()

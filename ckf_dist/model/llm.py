@@ -89,6 +89,7 @@ def build_llm(cfg: ModelConfig, tokenizer, dtype: torch.dtype = torch.float32) -
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
             model = LlamaForCausalLM(config)
+            torch.nn.init.normal_(model.lm_head.weight, std=t.output_init_std)
         model.to(dtype)
     else:
         kwargs = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
