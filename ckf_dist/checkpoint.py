@@ -10,6 +10,7 @@ and rank 0 writes them with safetensors, beside the tokenizer and a JSON descrip
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -20,6 +21,14 @@ from ckf_dist.config import Config, to_yaml
 
 WEIGHTS = "adapter.safetensors"
 META = "adapter_config.json"
+
+
+def redacted(cfg: Config) -> Config:
+    """A copy without S3 credentials (exports are shared; readers take credentials from their environment)."""
+    safe = copy.deepcopy(cfg)
+    safe.data.s3.access_key_id = ""
+    safe.data.s3.secret_access_key = ""
+    return safe
 
 
 def gather_trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -38,7 +47,7 @@ def export_adapter(model: torch.nn.Module, out_dir: str, cfg: Config, tokenizer,
     os.makedirs(out_dir, exist_ok=True)
     save_file(tensors, os.path.join(out_dir, WEIGHTS))
     tokenizer.save_pretrained(os.path.join(out_dir, "tokenizer"))
-    meta = {"step": state.get("step"), "cf_version": state.get("cf_version"), "config_yaml": to_yaml(cfg),
+    meta = {"step": state.get("step"), "cf_version": state.get("cf_version"), "config_yaml": to_yaml(redacted(cfg)),
             "tensors": {n: list(t.shape) for n, t in tensors.items()}, "format": 1}
     with open(os.path.join(out_dir, META), "w") as f:
         json.dump(meta, f, indent=2)

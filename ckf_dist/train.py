@@ -43,7 +43,8 @@ def init_ray(cfg: Config) -> bool:
             local_gpu = torch.cuda.is_available()
             env = {} if local_gpu and want_gpu != "false" else dict(CPU_ENV)
             kwargs = {"num_cpus": cfg.ray.local_num_cpus} if cfg.ray.local_num_cpus else {}
-            ray.init(runtime_env={"env_vars": env}, include_dashboard=False, **kwargs)
+            # address="local": a new local Ray, never some other cluster that happens to run on this machine.
+            ray.init(address="local", runtime_env={"env_vars": env}, include_dashboard=False, **kwargs)
             _say(f"started a local Ray ({ray.cluster_resources().get('CPU', 0):g} CPUs, "
                  f"{ray.cluster_resources().get('GPU', 0):g} GPUs)")
     gpus = ray.cluster_resources().get("GPU", 0)

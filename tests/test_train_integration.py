@@ -18,7 +18,7 @@ def ray_local():
 
     from ckf_dist.train import CPU_ENV
 
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": dict(CPU_ENV)})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": dict(CPU_ENV)})
     yield
     ray.shutdown()
 

@@ -71,7 +71,8 @@ def ensure_ray(address: str = "", num_cpus: int = 0) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus or None, **kwargs)
+        # address="local": always a new local instance, never a cluster that happens to run on this machine.
+        ray.init(address="local", num_cpus=num_cpus or None, **kwargs)
 
 
 def _read_table_ray(path: str, fs: pafs.FileSystem) -> pa.Table:
