@@ -9,7 +9,7 @@ from setuptools import find_packages, setup
 RUNTIME = [
     "torch>=2.4",
     "deepspeed>=0.16",
-    "ray[default,train,data]>=2.50"  # default: the dashboard + job server behind `ray job submit`,
+    "ray[default,train,data]>=2.50",  # default: the dashboard + job server behind `ray job submit`
     "transformers>=4.50",
     "tokenizers>=0.20",
     "peft>=0.14",
