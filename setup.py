@@ -12,7 +12,6 @@ RUNTIME = [
     "ray[default,train,data]>=2.50",  # default: the dashboard + job server behind `ray job submit`
     "transformers>=4.50",
     "tokenizers>=0.20",
-    "peft>=0.14",
     "triton>=3.0; platform_system == 'Linux'",
     "pyarrow>=17",
     "s3fs>=2024.6",

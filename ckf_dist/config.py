@@ -324,9 +324,8 @@ def _explain(exc: OmegaConfBaseException, origin: str) -> ConfigError:
     return ConfigError(f"{origin}: {msg}")
 
 
-def load_config(argv: Optional[list[str]] = None) -> Config:
-    """Builds the config from ``[--config FILE] [key=value ...]``; raises ConfigError naming a bad key."""
-    argv = list(argv or [])
+def split_args(argv: list[str]) -> tuple[Optional[str], list[str]]:
+    """``[--config FILE] [key=value ...]`` -> (yaml path or None, dotlist overrides)."""
     yaml_path = None
     overrides: list[str] = []
     i = 0
@@ -345,22 +344,35 @@ def load_config(argv: Optional[list[str]] = None) -> Config:
         else:
             overrides.append(arg)
         i += 1
+    return yaml_path, overrides
+
+
+def load_config(argv: Optional[list[str]] = None, base_yaml: Optional[str] = None,
+                base_origin: str = "base config") -> Config:
+    """Builds the config from ``[--config FILE] [key=value ...]``; raises ConfigError naming a bad key.
+
+    Layers, later wins: dataclass defaults, ``base_yaml`` (YAML text, e.g. a checkpoint's config snapshot),
+    the ``--config`` file, the dotlist overrides.
+    """
+    yaml_path, overrides = split_args(list(argv or []))
     cfg = OmegaConf.structured(Config)
     OmegaConf.set_struct(cfg, True)
     # Free-form mappings: their keys are data, not config keys (DeepSpeed JSON keys, task names checked later).
     OmegaConf.set_struct(cfg.deepspeed.extra, False)
     OmegaConf.set_struct(cfg.training.task_weights, False)
     OmegaConf.set_struct(cfg.data.column_map, False)
+    layers = []
+    if base_yaml:
+        layers.append((lambda: OmegaConf.create(base_yaml), base_origin))
     if yaml_path:
-        try:
-            cfg = OmegaConf.merge(cfg, _load_yaml(yaml_path))
-        except OmegaConfBaseException as exc:
-            raise _explain(exc, yaml_path) from exc
+        layers.append((lambda: _load_yaml(yaml_path), yaml_path))
     if overrides:
+        layers.append((lambda: OmegaConf.from_dotlist(overrides), "command line"))
+    for make_layer, origin in layers:
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+            cfg = OmegaConf.merge(cfg, make_layer())
         except OmegaConfBaseException as exc:
-            raise _explain(exc, "command line") from exc
+            raise _explain(exc, origin) from exc
     try:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:

@@ -122,46 +122,9 @@ def _say(msg: str) -> None:
 # ------------------------------------------------------------------------------------------------- config
 def build_config(base_yaml: Optional[str], argv: list[str]) -> Config:
     """Dataclass defaults <- adapter's training snapshot (``base_yaml``) <- ``--config FILE`` <- key=value."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from ckf_dist.config import load_config
 
-    from ckf_dist.config import _explain, _load_yaml, validate
-
-    yaml_path, overrides, i = None, [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("--config", "-c"):
-            if i + 1 >= len(argv):
-                raise ConfigError("--config needs a YAML file path")
-            yaml_path, i = argv[i + 1], i + 2
-            continue
-        if arg.startswith("--config="):
-            yaml_path = arg.split("=", 1)[1]
-        elif "=" not in arg or arg.startswith("-"):
-            raise ConfigError(f"cannot read argument {arg!r}: expected --config FILE or key=value")
-        else:
-            overrides.append(arg)
-        i += 1
-    cfg = OmegaConf.structured(Config)
-    OmegaConf.set_struct(cfg, True)
-    OmegaConf.set_struct(cfg.deepspeed.extra, False)
-    OmegaConf.set_struct(cfg.training.task_weights, False)
-    layers = []
-    if base_yaml:
-        layers.append((OmegaConf.create(base_yaml), "adapter config snapshot"))
-    if yaml_path:
-        layers.append((_load_yaml(yaml_path), yaml_path))
-    if overrides:
-        layers.append((OmegaConf.from_dotlist(overrides), "command line"))
-    for layer, origin in layers:
-        try:
-            cfg = OmegaConf.merge(cfg, layer)
-        except OmegaConfBaseException as exc:
-            raise _explain(exc, origin) from exc
-    try:
-        return validate(OmegaConf.to_object(cfg))
-    except OmegaConfBaseException as exc:
-        raise _explain(exc, "config") from exc
+    return load_config(argv, base_yaml=base_yaml, base_origin="adapter config snapshot")
 
 
 def config_snapshot(cfg: Config) -> dict:

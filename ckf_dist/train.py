@@ -104,7 +104,6 @@ def storage(cfg: Config):
 
 def run(cfg: Config):
     """Runs (or resumes) training; returns the Ray Train ``Result``."""
-    import ray.train
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

@@ -141,8 +141,7 @@ def _batches(shard, cfg: Config, pad_id: int, start_epoch: int, skip: int, rank:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     import deepspeed
-    import ray.train
-    from ray.train import Checkpoint
+    import ray.train.torch  # get_context, get_dataset_shard, report, torch.get_device
 
     from ckf_dist.cf_pickup import CFVersionFollower
     from ckf_dist.checkpoint import export_adapter

@@ -182,7 +182,7 @@ class CKFScorer:
     @torch.no_grad()
     def _score_candidates(self, tok: dict, rows, cols: dict) -> None:
         k = self.cfg.data.num_candidates
-        answers, owners = [], []
+        answers = []
         for i in rows:
             cands = tok["target_item_ids"][i]
             if len(cands) != k:
