@@ -44,7 +44,9 @@ def init_ray(cfg: Config) -> bool:
             env = {} if local_gpu and want_gpu != "false" else dict(CPU_ENV)
             kwargs = {"num_cpus": cfg.ray.local_num_cpus} if cfg.ray.local_num_cpus else {}
             # address="local": a new local Ray, never some other cluster that happens to run on this machine.
-            ray.init(address="local", runtime_env={"env_vars": env}, include_dashboard=False, **kwargs)
+            # The dashboard (ray[default]) also serves the State API that Ray Train polls; without it Ray
+            # prints "State API may be temporarily unavailable" every few seconds.
+            ray.init(address="local", runtime_env={"env_vars": env}, **kwargs)
             _say(f"started a local Ray ({ray.cluster_resources().get('CPU', 0):g} CPUs, "
                  f"{ray.cluster_resources().get('GPU', 0):g} GPUs)")
     gpus = ray.cluster_resources().get("GPU", 0)
