@@ -81,10 +81,8 @@ def read_items(fs, path: str, shown: str, cmap: dict, bad: BadRows) -> dict[str,
     title_col = _column(names, title_name, shown, required=bool(cmap.get("title"))) if title_name else None
     titles: dict[str, str | None] = {}
     for lineno, line in rows:
-        parts = line.split("\t")
-        if len(parts) != len(names):
-            bad.add(shown, lineno, f"expected {len(names)} tab-separated fields, got {len(parts)}", line,
-                    kind="wrong field count")
+        parts = _split_row(line, len(names), shown, lineno, bad)
+        if parts is None:
             continue
         item = parts[id_col].strip()
         if not item:
@@ -110,10 +108,8 @@ def _history_form(fs, folder, shown_folder, files, cmap, known, bad) -> tuple[li
         t_col = _column(names, item_name, shown)
         read.append(shown)
         for lineno, line in rows:
-            parts = line.split("\t")
-            if len(parts) != len(names):
-                bad.add(shown, lineno, f"expected {len(names)} tab-separated fields, got {len(parts)}", line,
-                        kind="wrong field count")
+            parts = _split_row(line, len(names), shown, lineno, bad)
+            if parts is None:
                 continue
             user, target = parts[u_col].strip(), parts[t_col].strip()
             if not user or not target:
@@ -134,6 +130,16 @@ def _history_form(fs, folder, shown_folder, files, cmap, known, bad) -> tuple[li
     return out, read
 
 
+def _split_row(line: str, n_fields: int, shown: str, lineno: int, bad) -> list[str] | None:
+    """The tab-separated fields of one atomic-file line, or None after reporting a wrong field count."""
+    parts = line.split("\t")
+    if len(parts) != n_fields:
+        bad.add(shown, lineno, f"expected {n_fields} tab-separated fields, got {len(parts)}", line,
+                kind="wrong field count")
+        return None
+    return parts
+
+
 def _plain_form(fs, path, shown, cmap, known, bad) -> list[tuple]:
     """Interactions of a plain ``.inter`` file (user, item, optional rating and timestamp)."""
     names, rows = _read_table(fs, path, shown)
@@ -143,10 +149,8 @@ def _plain_form(fs, path, shown, cmap, known, bad) -> list[tuple]:
     t_col = _column(names, cmap.get("timestamp", "timestamp"), shown, required="timestamp" in cmap)
     out, position = [], {}
     for lineno, line in rows:
-        parts = line.split("\t")
-        if len(parts) != len(names):
-            bad.add(shown, lineno, f"expected {len(names)} tab-separated fields, got {len(parts)}", line,
-                    kind="wrong field count")
+        parts = _split_row(line, len(names), shown, lineno, bad)
+        if parts is None:
             continue
         user, item = parts[u_col].strip(), parts[i_col].strip()
         if not user or not item:
