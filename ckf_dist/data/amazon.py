@@ -63,6 +63,15 @@ def _text(value) -> str | None:
     return value if isinstance(value, str) and value.strip() else None
 
 
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_review(line: str) -> tuple[tuple | None, str, str]:
     """One review line -> ((user, item, rating, timestamp, review), "", "") or (None, reason, counting kind)."""
     if not line.strip():
@@ -81,10 +90,8 @@ def parse_review(line: str) -> tuple[tuple | None, str, str]:
         return None, f"reviewerID {user!r} / asin {item!r} must be non-empty strings", "empty id"
     rating = obj["overall"]
     if isinstance(rating, str):
-        try:
-            rating = float(rating)
-        except ValueError:
-            pass
+        # "4.0" as a string is accepted; any other string stays a str and is reported just below.
+        rating = float(rating) if _is_float(rating) else rating
     if isinstance(rating, bool) or not isinstance(rating, (int, float)) or not 1.0 <= rating <= 5.0:
         return None, f"overall {obj['overall']!r} is not a number in 1..5", "rating outside 1-5"
     ts = obj["unixReviewTime"]

@@ -71,15 +71,19 @@ def write_json(fs: pafs.FileSystem, path: str, obj: dict) -> None:
     write_bytes(fs, path, json.dumps(obj, indent=2, sort_keys=True).encode("utf-8"))
 
 
-def read_text(fs: pafs.FileSystem, path: str, encoding: str = "utf-8", display: Optional[str] = None) -> str:
-    """Reads a whole text file; raises FileNotFoundError naming it (``display`` = the name to show, e.g. the
-    ``s3://`` URI). Undecodable bytes become U+FFFD so a bad line is reported by the parser, not fatal here."""
-    name = display or path
+def _require_file(fs: pafs.FileSystem, path: str, name: str) -> None:
+    """Raises FileNotFoundError naming ``name`` unless ``path`` is an existing file."""
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"file not found: {name}")
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(f"not a file: {name}")
+
+
+def read_text(fs: pafs.FileSystem, path: str, encoding: str = "utf-8", display: Optional[str] = None) -> str:
+    """Reads a whole text file; raises FileNotFoundError naming it (``display`` = the name to show, e.g. the
+    ``s3://`` URI). Undecodable bytes become U+FFFD so a bad line is reported by the parser, not fatal here."""
+    _require_file(fs, path, display or path)
     with fs.open_input_stream(path) as f:
         return f.read().decode(encoding, errors="replace")
 
@@ -95,12 +99,7 @@ def delete_if_exists(fs: pafs.FileSystem, path: str) -> None:
 
 def read_bytes(fs: pafs.FileSystem, path: str, display: Optional[str] = None) -> bytes:
     """Reads a whole file as bytes; raises FileNotFoundError naming it (``display`` = the name to show)."""
-    name = display or path
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"file not found: {name}")
-    if info.type != pafs.FileType.File:
-        raise FileNotFoundError(f"not a file: {name}")
+    _require_file(fs, path, display or path)
     with fs.open_input_stream(path, compression=None) as f:  # no transparent .gz decoding: callers decide
         return f.read()
 

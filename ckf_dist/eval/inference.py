@@ -41,6 +41,15 @@ RATING_TASK_IDS = tuple(TASK_IDS[t] for t in ("rating", "review_rating") if t in
 _GEN_TASKS = RATING_TASK_IDS + (TASK_IDS["explanation"],)
 
 
+def _base_columns(batch: pa.Table) -> dict:
+    """Output columns for a scored batch: the row identity and reference answer filled, scores empty."""
+    cols = _empty_columns(batch.num_rows)
+    for key in ("sample_id", "task_id", "user_id", "is_cold", "label"):
+        cols[key] = batch.column(key).to_pylist()
+    cols["reference"] = batch.column("answer").to_pylist()
+    return cols
+
+
 def _empty_columns(n: int) -> dict:
     return {name: [None] * n for name in OUT_SCHEMA.names}
 
@@ -128,11 +137,7 @@ class CKFScorer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from ckf_dist.data.streaming import tokenize_batch
 
-        n = batch.num_rows
-        cols = _empty_columns(n)
-        for key in ("sample_id", "task_id", "user_id", "is_cold", "label"):
-            cols[key] = batch.column(key).to_pylist()
-        cols["reference"] = batch.column("answer").to_pylist()
+        cols = _base_columns(batch)
         tok = tokenize_batch(batch, self.tokenizer, self.cfg.data.max_seq_len).to_pydict()
         task = np.asarray(cols["task_id"])
         for t in (TASK_IDS["ctr"],) + RATING_TASK_IDS:
@@ -236,10 +241,7 @@ class CFScorer:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
-        cols = _empty_columns(n)
-        for key in ("sample_id", "task_id", "user_id", "is_cold", "label"):
-            cols[key] = batch.column(key).to_pylist()
-        cols["reference"] = batch.column("answer").to_pylist()
+        cols = _base_columns(batch)
         targets = batch.column("target_item_ids").to_pylist()
         for i in range(n):
             t, u = cols["task_id"][i], cols["user_id"][i]
