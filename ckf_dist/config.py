@@ -143,6 +143,9 @@ class LoRAConfig:
 @dataclass
 class TrainingConfig:
     max_steps: int = 300
+    # > 0: also stop after this many minutes of training steps (summed over resumes; set-up, evaluation and
+    # checkpoint writes not counted); the lr schedule and curriculum then follow whichever limit comes first.
+    max_minutes: float = 0.0
     batch_size: int = 16  # rows (samples) per worker per step, before the text/hybrid doubling
     lr: float = 3e-3
     weight_decay: float = 1e-3
@@ -279,6 +282,8 @@ def validate(cfg: Config) -> Config:
     for key in ("max_steps", "batch_size"):
         if getattr(cfg.training, key) < 1:
             raise ConfigError(f"training.{key} must be >= 1")
+    if cfg.training.max_minutes < 0:
+        raise ConfigError(f"training.max_minutes={cfg.training.max_minutes} must be >= 0 (0 = no time limit)")
     _choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, {0, 1, 2, 3})
     _choice("deepspeed.precision", cfg.deepspeed.precision, {"auto", "bf16", "fp16", "fp32"})
     _choice("ray.use_gpu", cfg.ray.use_gpu, {"auto", "true", "false"})

@@ -16,7 +16,6 @@ from sklearn.metrics import roc_auc_score
 from ckf_dist.data.schema import TASK_IDS
 
 TASK_NAMES = {v: k for k, v in TASK_IDS.items()}
-IGNORE = -100
 
 
 def answer_token_ids(tokenizer) -> dict:
@@ -31,13 +30,10 @@ def answer_token_ids(tokenizer) -> dict:
 
 
 @torch.no_grad()
-def score_rows(logits: torch.Tensor, batch: dict, row_loss: torch.Tensor, ids: dict) -> dict[str, np.ndarray]:
-    """logits [B, L, V] -> per-row arrays: task, is_cold-free basics (task, label, loss, p_yes, rating_pred)."""
-    labels = batch["labels"]
-    has_answer = labels != IGNORE
-    first = has_answer.float().argmax(dim=1)  # index of the first answer token
-    pos = (first - 1).clamp_min(0)
-    step_logits = logits[torch.arange(logits.shape[0], device=logits.device), pos].float()  # [B, V]
+def score_rows(answer_logits: torch.Tensor, batch: dict, row_loss: torch.Tensor, ids: dict) -> dict[str, np.ndarray]:
+    """answer_logits [B, V] (the logits predicting each row's first answer token: ``CKFModel.forward``'s
+    ``answer_logits``) -> per-row arrays: task, label, loss, p_yes, rating_pred."""
+    step_logits = answer_logits.float()  # [B, V]
     yn = torch.softmax(step_logits[:, [ids["yes"], ids["no"]]], dim=-1)[:, 0]
     digits = torch.softmax(step_logits[:, ids["digits"]], dim=-1)
     expected = (digits * torch.arange(1, 6, device=digits.device, dtype=digits.dtype)).sum(-1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 
@@ -76,12 +77,48 @@ def build_ckf_model(cfg: Config, tokenizer, user_table: torch.Tensor, item_table
 
 
 def lr_lambda(warmup_steps: int, total_steps: int):
-    """Linear warm-up then linear decay to 0 (as a multiplier of the base lr)."""
-    def fn(step: int) -> float:
+    """Linear warm-up then linear decay to 0 (as a multiplier of the base lr); ``step`` may be fractional."""
+    def fn(step: float) -> float:
         if step < warmup_steps:
             return (step + 1) / max(1, warmup_steps)
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
     return fn
+
+
+class TrainingClock:
+    """How far training has got, in steps, when it may end on a step count *or* a time budget.
+
+    With ``training.max_minutes`` = 0 the effective step is the step. With a budget B seconds it is
+    ``max(step, max_steps * seconds / B)``: the lr schedule and the text -> hybrid curriculum then run their
+    whole course within the budget, whichever limit comes first, and training ends when it reaches
+    ``max_steps``. ``seconds`` counts the training steps only (not set-up, evaluation or checkpoint writes),
+    summed over resumed attempts (it is saved in the trainer state). Ranks must agree on when to stop:
+    ``sync`` takes the slowest rank's seconds (one scalar all-reduce per step, only with a budget).
+    """
+
+    def __init__(self, max_steps: int, max_minutes: float, seconds_before: float = 0.0):
+        self.max_steps = max_steps
+        self.budget_s = 60.0 * max_minutes
+        self.seconds = float(seconds_before)
+
+    def effective_step(self, step: float) -> float:
+        if self.budget_s <= 0:
+            return float(step)
+        return max(float(step), self.max_steps * self.seconds / self.budget_s)
+
+    def done(self, step: int) -> bool:
+        return self.effective_step(step) >= self.max_steps
+
+    def stopped_by(self, step: int) -> str:
+        return "max_steps" if step >= self.max_steps else "max_minutes"
+
+    def sync(self, device) -> None:
+        import torch.distributed as dist
+
+        if self.budget_s > 0 and dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.tensor([self.seconds], dtype=torch.float64, device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            self.seconds = float(t.item())
 
 
 def load_cf_tables(cfg: Config, version: str | None):
@@ -112,7 +149,7 @@ def evaluate_shard(engine, shard, cfg: Config, tokenizer, pad_id: int, device) -
         for batch in shard.iter_torch_batches(batch_size=cfg.training.batch_size, collate_fn=collate):
             batch = to_device(batch, device)
             out = engine(batch, text_weight=0.0)
-            parts.append(scoring.score_rows(out["logits"], batch, out["row_loss"], ids))
+            parts.append(scoring.score_rows(out["answer_logits"], batch, out["row_loss"], ids))
     engine.train()
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, parts)
@@ -152,10 +189,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = torch.cuda.is_available() and loop_config["use_gpu"]
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
-    log = (lambda msg: print(f"[rank 0] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+    log = _rank0_log if rank == 0 else (lambda msg: None)
 
     # ---- resume state
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "cf_version": None}
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "cf_version": None, "train_seconds": 0.0}
     resume = ray.train.get_checkpoint()
     resume_dir_ctx = resume.as_directory() if resume else None
     resume_dir = resume_dir_ctx.__enter__() if resume_dir_ctx else None
@@ -172,9 +209,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     log(f"model: {n_total:,} parameters, {n_train:,} trainable ({len(model.lora_layers)} Multi-LoRA layers); "
         f"CF embeddings {cf_version}")
     total = cfg.training.max_steps
+    clock = TrainingClock(total, cfg.training.max_minutes, state["train_seconds"])
     optimizer = torch.optim.AdamW(trainable, lr=cfg.training.lr, weight_decay=cfg.training.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(int(math.ceil(cfg.training.warmup_ratio * total)), total))
+    lr_at = lr_lambda(int(math.ceil(cfg.training.warmup_ratio * total)), total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(clock.effective_step(s)))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=build_deepspeed_config(cfg, world, use_gpu))
     if resume_dir:
@@ -192,41 +230,59 @@ def train_loop_per_worker(loop_config: dict) -> None:
     follower = CFVersionFollower(cfg, cf_version, log)
     task_w = _task_weights(cfg).to(device)
     step = state["step"]
-    t0, tokens = time.time(), 0
+    tokens, seconds_start = 0, clock.seconds
     running: dict[str, list[float]] = {}
     batches = _batches(ray.train.get_dataset_shard("train"), cfg, pad_id, state["epoch"], state["batch_in_epoch"], rank)
-    while step < total:
+    if clock.budget_s > 0:
+        log(f"time budget {cfg.training.max_minutes:g} min of training steps ({clock.seconds:.0f}s used before)")
+    while not clock.done(step):
+        t_step = time.perf_counter()
         epoch, index, batch = next(batches)
         new = follower.maybe_swap(step, engine.module)
         if new:
             cf_version = new
             state.setdefault("cf_swaps", []).append({"step": step, "version": new})
         batch = to_device(batch, device)
-        lam = _curriculum(cfg, step)
+        lam = _curriculum(cfg, clock.effective_step(step))
         out = engine(batch, text_weight=lam, task_weights=task_w)
         engine.backward(out["loss"])
         engine.step()
         step += 1
         tokens += int(batch["attention_mask"].sum())
         _accumulate(running, out["row_loss"], batch)
-        if step % cfg.training.log_every == 0 or step == total:
-            rate = tokens * world / max(time.time() - t0, 1e-9)
-            log(f"step {step}/{total} loss {out['loss'].item():.4f} lambda {lam:.3f} lr {scheduler.get_last_lr()[0]:.2e} "
-                f"{rate:,.0f} tok/s | " + " ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in sorted(running.items())))
+        clock.seconds += time.perf_counter() - t_step
+        clock.sync(device)
+        finished = clock.done(step)
+        if step % cfg.training.log_every == 0 or finished:
+            rate = tokens * world / max(clock.seconds - seconds_start, 1e-9)
+            log(f"step {step}/{total} ({clock.seconds:.0f}s) loss {out['loss'].item():.4f} lambda {lam:.3f} "
+                f"lr {scheduler.get_last_lr()[0]:.2e} {rate:,.0f} tok/s | "
+                + " ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in sorted(running.items())))
             running.clear()
-        state.update(step=step, epoch=epoch, batch_in_epoch=index + 1, cf_version=cf_version)
-        if step % cfg.checkpoint.every_steps == 0 and step < total:
+        state.update(step=step, epoch=epoch, batch_in_epoch=index + 1, cf_version=cf_version,
+                     train_seconds=clock.seconds)
+        if step % cfg.checkpoint.every_steps == 0 and not finished:
             _save_and_report(engine, state, {"step": step, "cf_version": cf_version}, rank, cfg, tokenizer, None)
 
     if eval_shard is not None:
         after = evaluate_shard(engine, eval_shard, cfg, tokenizer, pad_id, device)
         metrics.update({f"after/{k}": v for k, v in after.items()})
         log("trained model on held-out rows:   " + _fmt(after))
-    metrics.update(step=step, cf_version=cf_version, train_seconds=time.time() - t0)
+    if clock.budget_s > 0 and step < total:
+        log(f"stopped by training.max_minutes={cfg.training.max_minutes:g} at step {step}/{total}")
+    metrics.update(step=step, cf_version=cf_version, train_seconds=clock.seconds, stopped_by=clock.stopped_by(step))
     _save_and_report(engine, state, metrics, rank, cfg, tokenizer, export_adapter if cfg.checkpoint.export_adapter else None)
 
 
-def _curriculum(cfg: Config, step: int) -> float:
+def _rank0_log(msg: str) -> None:
+    """One progress line on the worker's stdout (forwarded to the driver once). Not ``print``: Ray Train V2
+    patches it in workers to both echo the line and log it through the root logger, so each line reached
+    the driver twice."""
+    sys.stdout.write(f"[rank 0] {msg}\n")
+    sys.stdout.flush()
+
+
+def _curriculum(cfg: Config, step: float) -> float:
     from ckf_dist.model.ckf import curriculum_text_weight
 
     return curriculum_text_weight(cfg.training.curriculum, step, cfg.training.max_steps)

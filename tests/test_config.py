@@ -38,6 +38,7 @@ def test_dotlist_overrides_and_types():
     ("data.tasks=[ctr,ranking]", "data.tasks"),
     ("training.task_weights={clicks: 1.0}", "training.task_weights"),
     ("lora.rank=0", "lora.rank"),
+    ("training.max_minutes=-1", "training.max_minutes"),
 ])
 def test_bad_keys_and_values_are_named(arg, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):

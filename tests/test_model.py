@@ -166,6 +166,45 @@ def test_forward_backward_trains_lora_and_mapping(tokenizer):
     assert all(p.grad is None for p in model.llm.parameters() if not p.requires_grad)
 
 
+def test_loss_on_answer_positions_equals_the_full_logits_loss(tokenizer):
+    """forward runs the output head only where an answer token is predicted: same row losses, loss, first-answer
+    logits and gradients as cross-entropy over the full [B, L, V] logits with ignored positions."""
+    torch.manual_seed(0)
+    model = _model(tokenizer).train()
+    for layer in model.lora_layers:  # non-zero B so that the adapters change the output
+        for name in ("shared_b", "task_b"):
+            if getattr(layer, name, None) is not None:
+                torch.nn.init.normal_(getattr(layer, name), std=0.05)
+    b = _batch(tokenizer)
+    b["task_ids"] = torch.tensor([0, 0, 1, 1, 2, 3])
+    b["row_offsets"] = segment_offsets(b["task_ids"], 4)
+    labels = torch.full_like(b["input_ids"], -100)
+    for r, (start, stop) in enumerate([(-3, None), (-5, -2), (-1, None), (-4, -1), (-2, None), (-6, -3)]):
+        labels[r, start:stop] = b["input_ids"][r, start:stop]  # answers of different lengths and positions
+    b["labels"], b["attention_mask"] = labels, torch.ones_like(b["input_ids"])
+    model.eval()  # no dropout: both passes see the same function
+    out = model(b, text_weight=0.3)
+    out["loss"].backward()
+    got_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+
+    embeds = model.embed_with_soft_tokens(b["input_ids"], b["n_targets"], b["user_ids"], b["history"],
+                                          b["targets"], b["is_hybrid"])
+    full = model.llm(inputs_embeds=embeds, attention_mask=b["attention_mask"]).logits  # [B, L, V]
+    tok = torch.nn.functional.cross_entropy(full[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
+                                            reduction="none").view(labels.shape[0], -1)
+    row_ref = tok.sum(1) / (labels[:, 1:] != -100).sum(1)
+    loss_ref = model.combine_losses(row_ref, b["task_ids"], b["is_hybrid"], 0.3, None)
+    loss_ref.backward()
+    first = (labels != -100).float().argmax(1)
+    torch.testing.assert_close(out["row_loss"], row_ref.detach())
+    torch.testing.assert_close(out["loss"], loss_ref)
+    torch.testing.assert_close(out["answer_logits"], full[torch.arange(6), first - 1].detach())
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(got_grads[n], p.grad, msg=n)
+
+
 def test_combine_losses_by_hand(tokenizer):
     model = _model(tokenizer)
     row_loss = torch.tensor([1.0, 3.0, 2.0, 4.0, 10.0])

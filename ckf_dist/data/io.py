@@ -51,6 +51,16 @@ def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/")] + [p.strip("/") for p in parts])
 
 
+def list_files(fs: pafs.FileSystem, folder: str, suffix: str = "") -> list[str]:
+    """Sorted paths of the files directly in ``folder`` ending with ``suffix``; FileNotFoundError naming the
+    folder when it does not exist."""
+    info = fs.get_file_info(folder)
+    if info.type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"folder not found: {folder}")
+    found = fs.get_file_info(pafs.FileSelector(folder, recursive=False))
+    return sorted(f.path for f in found if f.type == pafs.FileType.File and f.path.endswith(suffix))
+
+
 def exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 

@@ -175,7 +175,7 @@ class CKFScorer:
         from ckf_dist import scoring
 
         batch, out = self._forward(self._sub(tok, rows))
-        s = scoring.score_rows(out["logits"], batch, out["row_loss"], self.answer_ids)
+        s = scoring.score_rows(out["answer_logits"], batch, out["row_loss"], self.answer_ids)
         src = np.asarray(rows)[batch["sample_index"].cpu().numpy()]
         for j, i in enumerate(src):
             if cols["task_id"][i] == TASK_IDS["ctr"]:

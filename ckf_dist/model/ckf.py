@@ -132,22 +132,35 @@ class CKFModel(nn.Module):
     def forward(self, batch: dict, text_weight: float = 0.5, task_weights: Optional[torch.Tensor] = None) -> dict:
         """One step's loss over a collated batch (see ``ckf_dist.data.collate``).
 
-        Returns {"loss": scalar, "row_loss": [B] mean answer-token CE per row (detached), "logits": [B, L, V]}.
+        Returns {"loss": scalar, "row_loss": [B] mean answer-token CE per row (detached), "answer_logits":
+        [B, V] the logits that predict each row's first answer token (zeros for a row without an answer)}.
         ``text_weight`` = lambda of the curriculum: loss = lam * L_text + (1 - lam) * L_hybrid, each the
         task-weighted mean of per-task mean row losses over the rows of that form present in the batch.
+
+        The output head runs only on the N positions that predict an answer token (a few per row), not on
+        all B x L: with SmolLM2's 49k vocabulary, 32 rows x 384 tokens of fp32 logits alone would be 2.4 GB
+        (plus their log-softmax and gradient), the same in every step and for no use.
         """
         self.segments.set(batch["row_offsets"])
         embeds = self.embed_with_soft_tokens(batch["input_ids"], batch["n_targets"], batch["user_ids"],
                                              batch["history"], batch["targets"], batch["is_hybrid"])
-        out = self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False)
-        logits = out.logits
+        hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                        use_cache=False).last_hidden_state  # [B, L, hidden]
         labels = batch["labels"]
-        tok_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                   ignore_index=IGNORE, reduction="none").view(labels.shape[0], -1)
-        n_tok = (labels[:, 1:] != IGNORE).sum(1).clamp_min(1)
-        row_loss = tok_loss.sum(1) / n_tok  # [B]
+        predicts_answer = labels[:, 1:] != IGNORE  # [B, L-1]: position p predicts token p + 1
+        row, pos = predicts_answer.nonzero(as_tuple=True)  # [N] each, row-major
+        logits = self.llm.get_output_embeddings()(hidden[row, pos])  # [N, V]
+        tok_loss = F.cross_entropy(logits.float(), labels[row, pos + 1], reduction="none")  # [N]
+        n_tok = predicts_answer.sum(1)  # [B]
+        row_loss = tok_loss.new_zeros(labels.shape[0]).index_add(0, row, tok_loss) / n_tok.clamp_min(1)
         loss = self.combine_losses(row_loss, batch["task_ids"], batch["is_hybrid"], text_weight, task_weights)
-        return {"loss": loss, "row_loss": row_loss.detach(), "logits": logits}
+        # A row's first answer position is its first entry in the row-major selection.
+        if row.numel():
+            first = (torch.cumsum(n_tok, 0) - n_tok).clamp_max(row.numel() - 1)  # [B] index into the N entries
+            answer_logits = logits.detach()[first] * (n_tok > 0)[:, None]
+        else:
+            answer_logits = logits.new_zeros(labels.shape[0], logits.shape[-1])
+        return {"loss": loss, "row_loss": row_loss.detach(), "answer_logits": answer_logits}
 
     def combine_losses(self, row_loss: torch.Tensor, task_ids: torch.Tensor, is_hybrid: torch.Tensor,
                        text_weight: float, task_weights: Optional[torch.Tensor]) -> torch.Tensor:
