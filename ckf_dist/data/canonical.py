@@ -105,8 +105,8 @@ def sorted_ids(column: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, pa.Array]:
     unique = pc.unique(column)
     try:
         order = pc.sort_indices(pc.cast(unique, pa.int64()))
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        order = pc.sort_indices(unique)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # ids that are not integers (ASINs, names)
+        order = pc.sort_indices(unique)  # sort as strings instead: same vocabulary, lexicographic order
     vocab = pc.take(unique, order)
     codes = pc.index_in(column, value_set=vocab)
     return vocab, codes
