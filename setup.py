@@ -39,6 +39,8 @@ setup(
         "gpu": ["flash-attn>=2.6"],
         # SmolLM2-135M as a GGUF file (issue 5 quality runs); transformers needs gguf + accelerate to load it.
         "gguf": ["gguf>=0.10", "accelerate>=1.0"],
+        # Opt-in mutation testing (setup.cfg [mutmut], README "Tests"); pinned: mutmut's config format changes.
+        "mutation": ["mutmut==3.8.1"],
     },
     entry_points={"console_scripts": ["ckf-train=ckf_dist.train:main", "ckf-prepare=ckf_dist.data.prepare:main",
                                         "ckf-evaluate=ckf_dist.evaluate:main"]},

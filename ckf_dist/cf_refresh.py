@@ -17,6 +17,7 @@ import traceback
 from typing import Callable, Optional
 
 from ckf_dist.cf import store
+from ckf_dist.cf.binding import binding_problem, check_version_for_data, warm_start_problem
 from ckf_dist.cf.reader import read_interactions
 from ckf_dist.cf.trainer import train_cf
 from ckf_dist.config import Config, ConfigError, load_config, resolve_data_path, resolve_embeddings_path
@@ -43,8 +44,10 @@ def refresh_once(cfg: Config, progress: Callable[[str], None] = print) -> str:
     """Trains ``cfg.cf.model`` on ``<data>/interactions`` and publishes a version; returns its id.
 
     Reads the train split for fitting and the valid split for early stopping/metrics (Ray Data by
-    default, ``cf.reader=arrow`` without Ray); warm-starts from the latest version when one exists and
-    ``cf.warm_start``; publishes to ``resolve_embeddings_path(cfg)`` keeping ``cf.keep_versions``.
+    default, ``cf.reader=arrow`` without Ray); warm-starts from the latest version when ``cf.warm_start`` and
+    it was trained on this same data set (``binding.warm_start_problem``; rows mapped by raw id), else cold;
+    publishes to ``resolve_embeddings_path(cfg)`` keeping ``cf.keep_versions``, bound to this data set
+    (its manifest hash and id maps: ``ckf_dist.cf.binding``).
     """
     t0 = time.perf_counter()
     data_root = resolve_data_path(cfg)
@@ -64,6 +67,12 @@ def refresh_once(cfg: Config, progress: Callable[[str], None] = print) -> str:
             progress(f"[cf_refresh] no previous version under {out_root}: cold start")
         except store.CorruptVersionError as exc:
             progress(f"[cf_refresh] WARNING latest version is unusable, cold start instead: {exc}")
+    skipped = {}
+    if previous is not None:
+        why = warm_start_problem(previous, data.binding)
+        if why:
+            progress(f"[cf_refresh] no warm start from {previous.version}: {why}; cold start")
+            skipped, previous = {"from_version": previous.version, "skipped": why}, None
     result = train_cf(data, cfg.cf, previous=previous, progress=progress)
     snapshot = dict(data.snapshot, num_users=data.num_users, num_items=data.num_items,
                     per_split=data.stats["per_split"], malformed=data.stats["malformed"])
@@ -71,15 +80,47 @@ def refresh_once(cfg: Config, progress: Callable[[str], None] = print) -> str:
     config = {k: getattr(cfg.cf, k) for k in ("model", "loss", "dim", "epochs", "lr", "batch_size",
                                               "num_negatives", "reg", "patience", "lightgcn_layers", "seed")}
     metrics["config"] = config
-    metrics["warm_start"] = result.warm_start
+    metrics["warm_start"] = result.warm_start or skipped
     version = store.publish_version(
         out_root, result.user_table[result.user_ids], result.item_table[result.item_ids],
         user_ids=result.user_ids, item_ids=result.item_ids, model_type=cfg.cf.model, metrics=metrics,
-        data_snapshot=snapshot, keep=cfg.cf.keep_versions, s3=s3, progress=progress)
+        data_snapshot=snapshot, keep=cfg.cf.keep_versions, s3=s3, progress=progress,
+        user_raw_ids=data.user_raw_ids[result.user_ids], item_raw_ids=data.item_raw_ids[result.item_ids],
+        binding=data.binding)
     shown = ", ".join(f"{k}={result.metrics[k]:.4f}" for k in ("auc", "recall@20", "ndcg@20", "rmse")
                       if isinstance(result.metrics.get(k), float))
     progress(f"[cf_refresh] published {version} to {out_root}: {len(result.user_ids)} users, "
              f"{len(result.item_ids)} items, d={cfg.cf.dim}; {shown}; total {time.perf_counter() - t0:.1f}s")
+    return version
+
+
+def ensure_embeddings(cfg: Config, data_manifest: dict, progress: Callable[[str], None] = print) -> str:
+    """The id of a CF embedding version trained on the data set whose manifest dict is ``data_manifest``
+    (``ckf_dist.data.streaming.read_manifest(cfg)``), for a training run to start from.
+
+    Returns the latest version when it is bound to this data set; when the store is empty, or the latest
+    version is unbound, corrupt, or was trained on another data set (e.g. the data was re-prepared with
+    another split), runs one ``refresh_once`` and says why in a progress line. Raises DataMismatchError when
+    even the fresh version does not match (the data set was re-prepared while the refresh read it).
+    """
+    root = resolve_embeddings_path(cfg)
+    s3 = cfg.data.s3
+    version = store.latest_version(root, s3=s3)
+    if version is None:
+        progress(f"no CF embedding version under {root}: running a quick {cfg.cf.model} refresh first")
+    else:
+        try:
+            problem = binding_problem(store.load_version(root, version, s3=s3), data_manifest)
+        except (FileNotFoundError, store.CorruptVersionError) as exc:
+            problem = f"it cannot be loaded ({exc})"
+        if problem is None:
+            progress(f"CF embeddings: {version} (trained on this data set)")
+            return version
+        progress(f"CF embedding version {version} under {root}: {problem}: refreshing")
+    version = refresh_once(cfg, progress=progress)
+    check_version_for_data(store.load_version(root, version, s3=s3), data_manifest, root=root,
+                           data_path=resolve_data_path(cfg))
+    progress(f"CF embeddings: {version}")
     return version
 
 

@@ -63,6 +63,9 @@ class DataConfig:
     num_items: int = 200
     num_clusters: int = 4
     interactions_per_user: int = 24
+    # false: titles and reviews carry no genre word ("green 17", "the user loved it"), so the text says nothing
+    # about taste and only the CF knowledge can tell (the fusion's hardest test; same draws otherwise).
+    genre_in_text: bool = True
     # Prompt construction.
     tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
     history_len: int = 6  # items of history shown in a prompt (most recent first-cut)
@@ -89,11 +92,18 @@ class TinyModelConfig:
     # (|h| ~ sqrt(hidden)), so no adapter could ever make a confident prediction through it; 0.25 gives the
     # frozen head a usable range (a pretrained head has one by training).
     output_init_std: float = 0.25
+    # Causal-LM pretraining of the tiny base on the training split's text prompts + answers before CKF
+    # training (ckf_dist.model.pretrain; cached per data set under <data.path>/base_models). 0 = a random base.
+    pretrain_steps: int = 950
+    pretrain_lr: float = 3e-3
+    pretrain_batch_size: int = 32
 
 
 @dataclass
 class ModelConfig:
     source: str = "tiny"  # tiny | hf (local HF folder) | gguf (a .gguf file or a folder holding one)
+    # hf: a local HF folder; gguf: a .gguf file or a folder holding one; tiny: "" = a random base, or the folder
+    # of a pretrained tiny base (the driver sets it when model.tiny.pretrain_steps > 0; local or s3://).
     path: str = ""
     gguf_file: str = ""
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
@@ -112,6 +122,7 @@ class CFConfig:
     meta_hidden: int = 32
     meta_activation: str = "none"  # none | relu
     identity_mapping: bool = False  # ablation: W_u = I (no meta-network)
+    projector: str = "linear"  # linear (the spec: one Linear d -> hidden) | mlp (Linear, GELU, Linear)
     refresh_check_every_steps: int = 0  # 0 = never look for a newer version during training
     # CF training / refresh job (ckf_dist.cf, ckf_dist.cf_refresh).
     loss: str = "bpr"  # bpr | pointwise (BCE on sampled negatives) | mse (rating MF; reports RMSE)
@@ -142,19 +153,29 @@ class LoRAConfig:
 
 @dataclass
 class TrainingConfig:
-    max_steps: int = 300
+    max_steps: int = 800
     # > 0: also stop after this many minutes of training steps (summed over resumes; set-up, evaluation and
     # checkpoint writes not counted); the lr schedule and curriculum then follow whichever limit comes first.
     max_minutes: float = 0.0
     batch_size: int = 16  # rows (samples) per worker per step, before the text/hybrid doubling
-    lr: float = 3e-3
+    lr: float = 3e-3  # the LoRAs (and the mapping side when mapping_lr = 0)
+    mapping_lr: float = 3e-2  # meta-network, pooling, projectors; 0 = lr
     weight_decay: float = 1e-3
     warmup_ratio: float = 0.05
     grad_clip: float = 0.3
     curriculum: str = "sigmoid"  # sigmoid | constant | two_stage | hybrid_only | text_only
+    # How the curriculum's lambda(s) routes the two forms' losses (worker.curriculum_gates, README "Curriculum"):
+    # joint: lambda * L_text + (1 - lambda) * L_hybrid trains the LoRAs; the mapping side (reached only by
+    #   L_hybrid) has its lr gated by (1 - lambda).
+    # spec: L_text trains only the LoRAs, L_hybrid only the mapping side (ckf_method.md section 3); lr gates
+    #   LoRAs x lambda, mapping x (1 - lambda). Measured on the default run: hybrid ties text-only (README).
+    gradient_routing: str = "joint"
     task_weights: dict[str, float] = field(default_factory=dict)  # missing tasks weigh 1.0
     log_every: int = 20
-    eval_rows: int = 256  # held-out rows scored before and after training (0 = skip)
+    # Held-out rows scored before and after training (ckf_dist.heldout): at most eval_rows rows per task of
+    # the eval_splits, in every prompt form + the permuted-CF control + CF-only. 0 = no evaluation.
+    eval_rows: int = 1000
+    eval_splits: list[str] = field(default_factory=lambda: ["valid", "test"])
     shuffle_buffer: int = 512
     seed: int = 0
 
@@ -254,6 +275,7 @@ def validate(cfg: Config) -> Config:
     _choice("cf.model", cfg.cf.model, {"mf", "lightgcn"})
     _choice("cf.pooling", cfg.cf.pooling, {"mean", "attention"})
     _choice("cf.meta_activation", cfg.cf.meta_activation, {"none", "relu"})
+    _choice("cf.projector", cfg.cf.projector, {"linear", "mlp"})
     if cfg.cf.dim < 1:
         raise ConfigError("cf.dim must be >= 1")
     _choice("cf.loss", cfg.cf.loss, {"bpr", "pointwise", "mse"})
@@ -279,6 +301,18 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("lora.shared_targets and lora.task_targets are both empty: nothing to train")
     _choice("training.curriculum", cfg.training.curriculum,
             {"sigmoid", "constant", "two_stage", "hybrid_only", "text_only"})
+    _choice("training.gradient_routing", cfg.training.gradient_routing, {"spec", "joint"})
+    if cfg.training.mapping_lr < 0 or cfg.training.lr <= 0:
+        raise ConfigError(f"training.lr={cfg.training.lr} must be > 0 and training.mapping_lr="
+                          f"{cfg.training.mapping_lr} >= 0 (0 = training.lr)")
+    if cfg.training.eval_rows < 0:
+        raise ConfigError(f"training.eval_rows={cfg.training.eval_rows} must be >= 0 (0 = no evaluation)")
+    if cfg.training.eval_rows and not cfg.training.eval_splits:
+        raise ConfigError("training.eval_splits is empty: name valid and/or test (or set training.eval_rows=0)")
+    for split in cfg.training.eval_splits:
+        _choice("training.eval_splits[]", split, {"valid", "test"})
+    if cfg.model.tiny.pretrain_steps < 0 or cfg.model.tiny.pretrain_batch_size < 1:
+        raise ConfigError("model.tiny.pretrain_steps must be >= 0 and model.tiny.pretrain_batch_size >= 1")
     for key in ("max_steps", "batch_size"):
         if getattr(cfg.training, key) < 1:
             raise ConfigError(f"training.{key} must be >= 1")

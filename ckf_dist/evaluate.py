@@ -21,7 +21,9 @@ rows of ``eval.tasks`` (default ``data.tasks``), at most ``eval.max_rows`` per t
 Metrics (each for the groups ``all``, ``warm`` and ``cold`` = the ``is_cold`` flag of the user):
 
 * ctr: ``auc``, ``uauc`` (mean per-user AUC over the users with both classes; ``uauc_users`` = how many),
-  ``logloss``; p(Yes) = softmax over the next-token logits of "Yes" and "No" at the answer position.
+  ``logloss``; p(Yes) = softmax over the logits of the "Yes" and "No" tokens at the first answer token where
+  they differ (``scoring.answer_token_ids``; the same position serves the digits of the rating tasks, e.g. the
+  "4" after a shared "▁" with a LLaMA sentencepiece tokenizer).
 * topk: ``hr@1``, ``hr@5``, ``hr@10``, ``ndcg@5``, ``ndcg@10``, ``mrr`` over the row's candidates (1 positive +
   ``data.num_candidates - 1`` negatives; HR@k = 1 for k >= K). Every candidate is scored, never generated:
   score = **mean** log-probability of the candidate's title tokens + eos given the prompt (the answer as
@@ -235,6 +237,19 @@ def train_mean_rating(cfg: Config) -> float:
 
 
 # --------------------------------------------------------------------------------------------- baselines
+def cf_baseline_tables(cfg: Config) -> tuple[str, np.ndarray, np.ndarray]:
+    """(version id, users [U+1, d], items [I+1, d]) of the latest CF embedding version for the CF-only
+    baseline. Raises DataMismatchError (``ckf_dist.cf.binding``) when that version was not trained on the data
+    set being evaluated (another or re-prepared data set, or an unbound version)."""
+    from ckf_dist.cf.binding import load_version_for_data
+    from ckf_dist.data.streaming import read_manifest
+
+    ev = load_version_for_data(resolve_embeddings_path(cfg), None, read_manifest(cfg), s3=cfg.data.s3,
+                               data_path=resolve_data_path(cfg))
+    users, items = ev.dense_tables()
+    return ev.version, users, items
+
+
 def fit_cf_baseline(cfg: Config, users: np.ndarray, items: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:
     """((a, b) Platt scaling of u.v for CTR on the train CTR rows, (c, d) least squares rating ~ u.v on train)."""
     from sklearn.linear_model import LogisticRegression
@@ -336,11 +351,7 @@ def run_evaluation(cfg: Config, checkpoint: Optional[str] = None, label: Optiona
         fallback = train_mean_rating(cfg)
         remote = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
         if baseline == "cf-only":
-            from ckf_dist.cf.store import load_version
-
-            ev = load_version(resolve_embeddings_path(cfg), None, s3=cfg.data.s3)
-            users, items = ev.dense_tables()
-            cf_version = ev.version
+            cf_version, users, items = cf_baseline_tables(cfg)
             ctr_fit, rating_fit = fit_cf_baseline(cfg, users, items)
             progress(f"CF-only baseline on {cf_version}: ctr sigmoid({ctr_fit[0]:.3f} s + {ctr_fit[1]:.3f}), "
                      f"rating {rating_fit[0]:.3f} s + {rating_fit[1]:.3f}")

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from ckf_dist.config import Config, ConfigError, load_config, resolve_data_path, resolve_embeddings_path
+from ckf_dist.config import Config, ConfigError, load_config, resolve_data_path
 from ckf_dist.data import io
 
 log = logging.getLogger("ckf_dist.train")
@@ -70,18 +70,24 @@ def ensure_data(cfg: Config) -> dict:
     return read_manifest(cfg)
 
 
-def ensure_embeddings(cfg: Config) -> str:
-    """The latest CF embedding version; runs one quick refresh first when the store is empty."""
-    from ckf_dist.cf.store import latest_version
-    from ckf_dist.cf_refresh import refresh_once
+def ensure_embeddings(cfg: Config, data_manifest: dict) -> str:
+    """The latest CF embedding version trained on this data set; runs one refresh first when the store is
+    empty or its latest version was trained on another data set (``ckf_dist.cf_refresh.ensure_embeddings``)."""
+    from ckf_dist.cf_refresh import ensure_embeddings as ensure
 
-    root = resolve_embeddings_path(cfg)
-    version = latest_version(root, s3=cfg.data.s3)
-    if version is None:
-        _say(f"no CF embedding version under {root}: running a quick {cfg.cf.model} refresh first")
-        version = refresh_once(cfg, progress=_say)
-    _say(f"CF embeddings: {version}")
-    return version
+    return ensure(cfg, data_manifest, progress=_say)
+
+
+def ensure_base_model(cfg: Config, tokenizer, data_manifest: dict) -> Config:
+    """For the tiny model with ``model.tiny.pretrain_steps > 0`` and no ``model.path``: the config with
+    ``model.path`` set to the pretrained tiny base of this data set (``ckf_dist.model.pretrain``; built and
+    cached on the first run). Other models are returned unchanged."""
+    if cfg.model.source != "tiny" or cfg.model.path or cfg.model.tiny.pretrain_steps == 0:
+        return cfg
+    from ckf_dist.model.pretrain import ensure_tiny_base
+
+    path = ensure_tiny_base(cfg, tokenizer, data_manifest, progress=_say)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=path))
 
 
 def build_tokenizer(cfg: Config):
@@ -110,24 +116,29 @@ def run(cfg: Config):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ckf_dist.data.streaming import prompt_dataset
+    from ckf_dist.heldout import heldout_table
     from ckf_dist.worker import train_loop_per_worker
 
     t0 = time.time()
     use_gpu = init_ray(cfg)
     manifest = ensure_data(cfg)
     _say(f"data: {resolve_data_path(cfg)} ({manifest.get('num_users')} users, {manifest.get('num_items')} items)")
-    ensure_embeddings(cfg)
+    ensure_embeddings(cfg, manifest)
     tokenizer = build_tokenizer(cfg)
+    cfg = ensure_base_model(cfg, tokenizer, manifest)
     datasets = {"train": prompt_dataset(cfg, "train", tokenizer)}
-    if cfg.training.eval_rows:
-        datasets["eval"] = prompt_dataset(cfg, "test", tokenizer, limit=cfg.training.eval_rows).materialize()
+    heldout = heldout_table(cfg, tokenizer) if cfg.training.eval_rows else None
+    if heldout is not None:
+        _say(f"held-out rows for the before/after evaluation: {heldout.num_rows} from "
+             f"{'+'.join(cfg.training.eval_splits)} (<= {cfg.training.eval_rows} per task)")
     fs, storage_path = storage(cfg)
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.ray.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": dataclasses.asdict(cfg), "tokenizer": tokenizer, "use_gpu": use_gpu},
+        train_loop_config={"config": dataclasses.asdict(cfg), "tokenizer": tokenizer, "use_gpu": use_gpu,
+                           "data_manifest": manifest, "heldout": heldout},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=cfg.checkpoint.run_name, storage_path=storage_path, storage_filesystem=fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
@@ -142,7 +153,8 @@ def run(cfg: Config):
     if cfg.checkpoint.export_adapter and result.checkpoint is not None:
         dest = publish_adapter(cfg, result.checkpoint)
         _say(f"adapter exported to {dest}")
-    print_summary(result.metrics or {}, time.time() - t0)
+    report = write_run_metrics(cfg, result, time.time() - t0)
+    print_summary(report)
     return result
 
 
@@ -160,17 +172,63 @@ def publish_adapter(cfg: Config, checkpoint) -> str:
     return dest_uri
 
 
-def print_summary(metrics: dict, seconds: float) -> None:
-    keys = sorted({k.split("/", 1)[1] for k in metrics if k.startswith(("before/", "after/"))})
-    keys = [k for k in keys if not k.endswith("/rows")]
-    if keys:
-        _say("held-out metrics (hybrid prompts)        before      after")
+def write_run_metrics(cfg: Config, result, seconds: float) -> dict:
+    """Writes ``<storage_path>/<run_name>/metrics.json`` (the held-out report before/after training in every
+    prompt form, the permuted-CF control, CF-only and the fusion effect, plus the run's facts) and returns it."""
+    import json
+
+    from ckf_dist.worker import HELDOUT_FILE
+
+    metrics = result.metrics or {}
+    heldout = {}
+    if result.checkpoint is not None:
+        src = io.join(result.checkpoint.path, HELDOUT_FILE)
+        if io.exists(result.checkpoint.filesystem, src):
+            heldout = io.read_json(result.checkpoint.filesystem, src)
+    report = {"schema": "ckf-run-metrics/1", "run_name": cfg.checkpoint.run_name, "step": metrics.get("step"),
+              "stopped_by": metrics.get("stopped_by"), "cf_version": metrics.get("cf_version"),
+              "train_seconds": metrics.get("train_seconds"), "wall_seconds": round(seconds, 1),
+              "model": {"source": cfg.model.source, "path": cfg.model.path},
+              "gradient_routing": cfg.training.gradient_routing, "curriculum": cfg.training.curriculum,
+              "eval_splits": list(cfg.training.eval_splits), **heldout}
+    dest_fs, dest = io.get_filesystem(io.join(cfg.checkpoint.storage_path, cfg.checkpoint.run_name, "metrics.json"),
+                                      cfg.data.s3)
+    io.write_bytes(dest_fs, dest, json.dumps(report, indent=2).encode("utf-8"))
+    _say(f"metrics written to {io.join(cfg.checkpoint.storage_path, cfg.checkpoint.run_name, 'metrics.json')}")
+    return report
+
+
+def _cell(value) -> str:
+    return f"{value:8.4f}" if isinstance(value, (int, float)) else " " * 8
+
+
+def print_summary(report: dict) -> None:
+    """The held-out table: rows = metrics, columns = prompt forms before and after training, and CF-only."""
+    from ckf_dist.heldout import FORMS
+
+    before, after = report.get("before") or {}, report.get("after") or {}
+    if after.get("forms"):
+        rows = after.get("rows", {})
+        _say("held-out rows (" + "+".join(report.get("eval_splits", [])) + "): "
+             + ", ".join(f"{n} {t}" for t, n in rows.items()))
+        short = {"hybrid": "hybrid", "text": "text", "hybrid_cf_permuted": "perm.CF"}
+        head = "".join(f"{'before ' + short[f]:>16s}" for f in FORMS) + "".join(
+            f"{'after ' + short[f]:>16s}" for f in FORMS) + f"{'CF-only':>10s}"
+        _say(f"  {'metric':18s}{head}")
+        keys = sorted({k for m in after["forms"].values() for k in m})
         for k in keys:
-            b, a = metrics.get(f"before/{k}"), metrics.get(f"after/{k}")
-            fb = f"{b:10.4f}" if isinstance(b, (int, float)) else " " * 10
-            fa = f"{a:10.4f}" if isinstance(a, (int, float)) else " " * 10
-            _say(f"  {k:36s} {fb} {fa}")
-    _say(f"done: step {metrics.get('step')}, CF embeddings {metrics.get('cf_version')}, wall time {seconds:.0f}s")
+            cells = [_cell((before.get("forms", {}).get(f) or {}).get(k)) for f in FORMS]
+            cells += [_cell(after["forms"][f].get(k)) for f in FORMS]
+            _say(f"  {k:18s}" + "".join(f"{c:>16s}" for c in cells) + f"{_cell(after.get('cf_only', {}).get(k)):>10s}")
+        fusion = after.get("fusion")
+        if fusion:
+            ci = fusion["cf_effect_ci95"]
+            interval = (f"paired bootstrap 95% CI {ci[0]:+.4f}..{ci[1]:+.4f}, {fusion['bootstrap_resamples']} "
+                        "resamples" if ci else "no bootstrap interval: too few rows of one class")
+            _say(f"CF knowledge, CTR AUC on {fusion['ctr_rows']} rows: hybrid - text {fusion['hybrid_minus_text_auc']:+.4f}; "
+                 f"hybrid - permuted CF tables {fusion['cf_effect_auc']:+.4f} ({interval})")
+    _say(f"done: step {report.get('step')}, CF embeddings {report.get('cf_version')}, "
+         f"wall time {report.get('wall_seconds', 0):.0f}s")
 
 
 def main(argv=None) -> int:

@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import torch
 
@@ -22,6 +23,7 @@ from ckf_dist import scoring
 STATE_FILE = "trainer_state.json"
 DS_TAG = "ds"
 ADAPTER_DIR = "adapter"
+HELDOUT_FILE = "heldout.json"  # final checkpoint: the held-out report before/after training (rank 0)
 
 
 def build_deepspeed_config(cfg: Config, world_size: int, use_gpu: bool) -> dict:
@@ -67,7 +69,7 @@ def build_ckf_model(cfg: Config, tokenizer, user_table: torch.Tensor, item_table
     from ckf_dist.model.ckf import CKFModel
     from ckf_dist.model.llm import build_llm
 
-    llm = build_llm(cfg.model, tokenizer, dtype=dtype)
+    llm = build_llm(cfg.model, tokenizer, dtype=dtype, s3_config=cfg.data.s3)
     if cfg.model.gradient_checkpointing:
         # Reentrant variant: the non-reentrant one fails under ZeRO-3 with frozen base weights.
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
@@ -121,11 +123,14 @@ class TrainingClock:
             self.seconds = float(t.item())
 
 
-def load_cf_tables(cfg: Config, version: str | None):
-    """(version id, user table [U+1, d], item table [I+1, d]) from the embedding store."""
-    from ckf_dist.cf.store import load_version
+def load_cf_tables(cfg: Config, version: str | None, data_manifest: dict):
+    """(version id, user table [U+1, d], item table [I+1, d]) from the embedding store; the version must have
+    been trained on this data set (``DataMismatchError`` naming both otherwise)."""
+    from ckf_dist.cf.binding import load_version_for_data
+    from ckf_dist.config import resolve_data_path
 
-    ev = load_version(resolve_embeddings_path(cfg), version, s3=cfg.data.s3)
+    ev = load_version_for_data(resolve_embeddings_path(cfg), version, data_manifest, s3=cfg.data.s3,
+                               data_path=resolve_data_path(cfg))
     users, items = ev.dense_tables()
     return ev.version, torch.from_numpy(users), torch.from_numpy(items)
 
@@ -137,23 +142,30 @@ def _task_weights(cfg: Config) -> torch.Tensor:
     return w
 
 
-def evaluate_shard(engine, shard, cfg: Config, tokenizer, pad_id: int, device) -> dict[str, float]:
-    """Scores this rank's eval rows in hybrid form and gathers every rank's scores: same metrics everywhere."""
+def evaluate_heldout(engine, rows: dict, cfg: Config, tokenizer, device, rank: int) -> dict:
+    """Scores this rank's held-out rows in every form (``ckf_dist.heldout``), gathers all ranks' scores and
+    returns the report on rank 0 ({} elsewhere). A collective: every rank calls it."""
     import torch.distributed as dist
 
-    ids = scoring.answer_token_ids(tokenizer)
-    parts = []
+    from ckf_dist import heldout
+
     engine.eval()
-    collate = lambda b: collate_prompts(b, pad_id, len(TASK_IDS), forms=("hybrid",))  # noqa: E731
-    with torch.no_grad():
-        for batch in shard.iter_torch_batches(batch_size=cfg.training.batch_size, collate_fn=collate):
-            batch = to_device(batch, device)
-            out = engine(batch, text_weight=0.0)
-            parts.append(scoring.score_rows(out["answer_logits"], batch, out["row_loss"], ids))
-    engine.train()
+    try:
+        part = heldout.score_heldout(lambda batch, hybrid: engine(batch, text_weight=0.0 if hybrid else 1.0),
+                                     engine.module, rows, tokenizer, tokenizer.pad_token_id, device,
+                                     chunk_size=cfg.training.batch_size)
+    finally:
+        engine.train()
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, parts)
-    return scoring.summarize([p for rank_parts in gathered for p in rank_parts])
+    dist.all_gather_object(gathered, part)
+    return heldout.summarize_heldout(gathered) if rank == 0 else {}
+
+
+def rank_rows(table, rank: int, world: int) -> dict:
+    """This rank's share (rows rank, rank + world, ...) of the held-out table, as column lists."""
+    import pyarrow as pa
+
+    return table.take(pa.array(range(rank, table.num_rows, world), pa.int64())).to_pydict()
 
 
 def _batches(shard, cfg: Config, pad_id: int, start_epoch: int, skip: int, rank: int):
@@ -180,7 +192,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import deepspeed
     import ray.train.torch  # get_context, get_dataset_shard, report, torch.get_device
 
-    from ckf_dist.cf_pickup import CFVersionFollower
+    from ckf_dist.cf_pickup import CFVersionFollower, table_checksum
     from ckf_dist.checkpoint import export_adapter
 
     cfg: Config = from_dict(loop_config["config"])
@@ -201,34 +213,44 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state.update(json.load(f))
         log(f"resuming from checkpoint at step {state['step']} (CF embeddings {state['cf_version']})")
 
-    cf_version, users, items = load_cf_tables(cfg, state["cf_version"])
+    data_manifest = loop_config["data_manifest"]
+    cf_version, users, items = load_cf_tables(cfg, state["cf_version"], data_manifest)
     model = build_ckf_model(cfg, tokenizer, users, items, dtype=model_dtype(cfg, use_gpu))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_train = sum(p.numel() for p in trainable)
+    groups = parameter_groups(model, cfg)
     n_total = sum(p.numel() for p in model.parameters())
-    log(f"model: {n_total:,} parameters, {n_train:,} trainable ({len(model.lora_layers)} Multi-LoRA layers); "
-        f"CF embeddings {cf_version}")
+    log(f"model: {n_total:,} parameters, " + ", ".join(f"{g['name']} {sum(p.numel() for p in g['params']):,}"
+                                                        for g in groups)
+        + f" trainable ({len(model.lora_layers)} Multi-LoRA layers); CF embeddings {cf_version}; gradient routing "
+        f"{cfg.training.gradient_routing}, curriculum {cfg.training.curriculum}")
     total = cfg.training.max_steps
     clock = TrainingClock(total, cfg.training.max_minutes, state["train_seconds"])
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.training.lr, weight_decay=cfg.training.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.training.lr, weight_decay=cfg.training.weight_decay)
     lr_at = lr_lambda(int(math.ceil(cfg.training.warmup_ratio * total)), total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(clock.effective_step(s)))
+    gates = curriculum_gates(cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [(lambda s, gate=gate: lr_at(clock.effective_step(s)) * gate(clock.effective_step(s)))
+                    for gate in gates])
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=build_deepspeed_config(cfg, world, use_gpu))
     if resume_dir:
         engine.load_checkpoint(resume_dir, tag=DS_TAG, load_module_strict=False)
         resume_dir_ctx.__exit__(None, None, None)
+        # audit of what the checkpoint restored (tests compare these with the interrupted run's last step)
+        state["resumed"] = {"optimizer_step": optimizer_step(engine), "lr": scheduler.get_last_lr(),
+                            "epoch": state["epoch"], "batch_in_epoch": state["batch_in_epoch"]}
+        log(f"restored optimizer step {state['resumed']['optimizer_step']}, lr {state['resumed']['lr']}, data "
+            f"position epoch {state['epoch']} batch {state['batch_in_epoch']}")
 
     pad_id = tokenizer.pad_token_id
-    eval_shard = ray.train.get_dataset_shard("eval") if cfg.training.eval_rows else None
+    heldout_rows = rank_rows(loop_config["heldout"], rank, world) if loop_config.get("heldout") is not None else None
     metrics: dict = {"resumed_from_step": state["step"]}
-    if eval_shard is not None and state["step"] == 0:
-        before = evaluate_shard(engine, eval_shard, cfg, tokenizer, pad_id, device)
-        metrics.update({f"before/{k}": v for k, v in before.items()})
-        log("untrained model on held-out rows: " + _fmt(before))
+    if heldout_rows is not None and state["step"] == 0:
+        state["heldout_before"] = evaluate_heldout(engine, heldout_rows, cfg, tokenizer, device, rank)
+        log("untrained model on held-out rows: " + _fmt(state["heldout_before"]))
 
-    follower = CFVersionFollower(cfg, cf_version, log)
+    follower = CFVersionFollower(cfg, cf_version, log, data_manifest=data_manifest)
     task_w = _task_weights(cfg).to(device)
+    route = cfg.training.gradient_routing == "spec"
     step = state["step"]
     tokens, seconds_start = 0, clock.seconds
     running: dict[str, list[float]] = {}
@@ -241,10 +263,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         new = follower.maybe_swap(step, engine.module)
         if new:
             cf_version = new
-            state.setdefault("cf_swaps", []).append({"step": step, "version": new})
+            # audit: which step, and checksums of the tables the model really holds now (every rank)
+            state.setdefault("cf_swaps", []).append({
+                "step": step, "version": new, "user_table_sha256": table_checksum(engine.module.user_table),
+                "item_table_sha256": table_checksum(engine.module.item_table)})
         batch = to_device(batch, device)
         lam = _curriculum(cfg, clock.effective_step(step))
-        out = engine(batch, text_weight=lam, task_weights=task_w)
+        # spec routing: the two forms' losses reach disjoint parameters and lambda gates the learning rates
+        # (curriculum_gates), so the loss is their plain mean; joint: lambda weights the losses.
+        out = engine(batch, text_weight=0.5 if route else lam, task_weights=task_w, route_gradients=route)
         engine.backward(out["loss"])
         engine.step()
         step += 1
@@ -255,8 +282,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         finished = clock.done(step)
         if step % cfg.training.log_every == 0 or finished:
             rate = tokens * world / max(clock.seconds - seconds_start, 1e-9)
+            lrs = "/".join(f"{lr:.2e}" for lr in scheduler.get_last_lr())
             log(f"step {step}/{total} ({clock.seconds:.0f}s) loss {out['loss'].item():.4f} lambda {lam:.3f} "
-                f"lr {scheduler.get_last_lr()[0]:.2e} {rate:,.0f} tok/s | "
+                f"lr {lrs} {rate:,.0f} tok/s | "
                 + " ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in sorted(running.items())))
             running.clear()
         state.update(step=step, epoch=epoch, batch_in_epoch=index + 1, cf_version=cf_version,
@@ -264,14 +292,70 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if step % cfg.checkpoint.every_steps == 0 and not finished:
             _save_and_report(engine, state, {"step": step, "cf_version": cf_version}, rank, cfg, tokenizer, None)
 
-    if eval_shard is not None:
-        after = evaluate_shard(engine, eval_shard, cfg, tokenizer, pad_id, device)
-        metrics.update({f"after/{k}": v for k, v in after.items()})
-        log("trained model on held-out rows:   " + _fmt(after))
+    heldout = {}
+    if heldout_rows is not None:
+        heldout = {"before": state.get("heldout_before") or {},
+                   "after": evaluate_heldout(engine, heldout_rows, cfg, tokenizer, device, rank)}
+        log("trained model on held-out rows:   " + _fmt(heldout["after"]))
+        metrics.update(flatten_heldout(heldout))
     if clock.budget_s > 0 and step < total:
         log(f"stopped by training.max_minutes={cfg.training.max_minutes:g} at step {step}/{total}")
-    metrics.update(step=step, cf_version=cf_version, train_seconds=clock.seconds, stopped_by=clock.stopped_by(step))
-    _save_and_report(engine, state, metrics, rank, cfg, tokenizer, export_adapter if cfg.checkpoint.export_adapter else None)
+    metrics.update(step=step, cf_version=cf_version, train_seconds=clock.seconds, stopped_by=clock.stopped_by(step),
+                   optimizer_step=optimizer_step(engine), lr=scheduler.get_last_lr(), epoch=state["epoch"],
+                   batch_in_epoch=state["batch_in_epoch"], resumed=state.get("resumed"))
+    _save_and_report(engine, state, metrics, rank, cfg, tokenizer, export_adapter if cfg.checkpoint.export_adapter else None,
+                     heldout=heldout)
+
+
+def optimizer_step(engine) -> int:
+    """Adam's step count as the (ZeRO-wrapped) optimizer holds it; -1 when it holds none yet."""
+    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the client optimizer
+    for st in opt.state.values():
+        if "step" in st:
+            return int(st["step"])
+    return -1
+
+
+def parameter_groups(model, cfg: Config) -> list[dict]:
+    """Optimizer groups: ``lora`` (every Multi-LoRA A/B; lr ``training.lr``) and ``mapping`` (meta-network,
+    pooling, projectors; lr ``training.mapping_lr``, or ``training.lr`` when 0). Empty groups are dropped."""
+    lora_ids = {id(p) for layer in model.modules() if layer.__class__.__name__ == "MultiLoRALinear"
+                for p in layer.parameters(recurse=False) if p.requires_grad}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"name": "lora", "params": [p for p in trainable if id(p) in lora_ids], "lr": cfg.training.lr},
+              {"name": "mapping", "params": [p for p in trainable if id(p) not in lora_ids],
+               "lr": cfg.training.mapping_lr or cfg.training.lr}]
+    return [g for g in groups if g["params"]]
+
+
+def curriculum_gates(cfg: Config) -> list:
+    """Per optimizer group (``parameter_groups`` order: lora, mapping), a function of the (effective) step that
+    multiplies its learning rate, so that the curriculum lambda(s) really moves training from the text-only to
+    the hybrid form. Adam ignores a constant scale of a parameter's gradient: weighting a loss that alone
+    reaches a parameter group by (1 - lambda) would not slow that group at all.
+
+    joint: the LoRAs see lambda * L_text + (1 - lambda) * L_hybrid (the weights set the mix of their gradient,
+        which Adam does respect), so their lr is not gated; the mapping side, reached only by L_hybrid, is
+        gated by (1 - lambda).
+    spec: L_text reaches only the LoRAs, L_hybrid only the mapping side; LoRAs x lambda, mapping x (1 - lambda).
+    """
+    def lam(s: float) -> float:
+        return _curriculum(cfg, s)
+
+    def hybrid_gate(s: float) -> float:
+        return 1.0 - lam(s)
+
+    lora_gate = lam if cfg.training.gradient_routing == "spec" else (lambda s: 1.0)
+    return [lora_gate, hybrid_gate]
+
+
+def flatten_heldout(heldout: dict) -> dict[str, float]:
+    from ckf_dist import heldout as H
+
+    out = {}
+    for when in ("before", "after"):
+        out.update(H.flatten(heldout.get(when) or {}, when))
+    return out
 
 
 def _rank0_log(msg: str) -> None:
@@ -296,11 +380,21 @@ def _accumulate(running: dict, row_loss: torch.Tensor, batch: dict) -> None:
                 running.setdefault(f"{name}/{form}", []).append(float(row_loss[sel].mean()))
 
 
-def _fmt(m: dict) -> str:
-    return " ".join(f"{k}={v:.4f}" for k, v in sorted(m.items()) if not k.endswith("/rows"))
+def _fmt(report: dict) -> str:
+    """One line of the held-out report's headline numbers."""
+    forms = report.get("forms", {})
+    parts = [f"{f} ctr/auc={m['ctr/auc']:.4f}" for f, m in forms.items() if "ctr/auc" in m]
+    parts += [f"{f} topk/hr@1={m['topk/hr@1']:.4f}" for f, m in forms.items() if "topk/hr@1" in m]
+    fusion = report.get("fusion")
+    if fusion:
+        ci = fusion["cf_effect_ci95"]
+        parts.append(f"CF effect {fusion['cf_effect_auc']:+.4f} AUC"
+                     + (f" (95% CI {ci[0]:+.4f}..{ci[1]:+.4f})" if ci else " (no CI: too few rows)"))
+    return " ".join(parts)
 
 
-def _save_and_report(engine, state: dict, metrics: dict, rank: int, cfg: Config, tokenizer, export) -> None:
+def _save_and_report(engine, state: dict, metrics: dict, rank: int, cfg: Config, tokenizer, export,
+                     heldout: Optional[dict] = None) -> None:
     """Every rank writes its DeepSpeed shard files into its own temp dir; Ray Train uploads them all into the
     same checkpoint folder. Rank 0 adds the trainer state (and the adapter export at the end)."""
     import ray.train
@@ -313,7 +407,13 @@ def _save_and_report(engine, state: dict, metrics: dict, rank: int, cfg: Config,
         if rank == 0:
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump(state, f, indent=2)
-        # Every rank records the embedding swaps it made (an audit that all ranks swapped at the same step).
+            if heldout:
+                with open(os.path.join(tmp, HELDOUT_FILE), "w") as f:
+                    json.dump(heldout, f, indent=2)
+        # Every rank records the embedding swaps it made (an audit that all ranks swapped at the same step) and
+        # the step it saved at (all ranks stop together, also on a time budget).
         with open(os.path.join(tmp, f"cf_swaps_rank{rank}.json"), "w") as f:
             json.dump(state.get("cf_swaps", []), f)
+        with open(os.path.join(tmp, f"step_rank{rank}.json"), "w") as f:
+            json.dump({"step": state["step"], "train_seconds": state["train_seconds"]}, f)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))

@@ -11,7 +11,8 @@ IMPLS = ("auto", "torch", "triton")
 
 
 def multi_lora_linear(x, weight, bias, shared_a, shared_b, task_a, task_b, seg_offsets,
-                      shared_scale: float, task_scale: float, lora_x=None, impl: str = "auto"):
+                      shared_scale: float, task_scale: float, lora_x=None, impl: str = "auto",
+                      param_grad_rows=None):
     """See ``multi_lora_linear_reference`` for the maths and shapes; ``impl`` picks the implementation."""
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
@@ -20,9 +21,9 @@ def multi_lora_linear(x, weight, bias, shared_a, shared_b, task_a, task_b, seg_o
         from .multi_lora_triton import multi_lora_linear_triton  # noqa: WPS433 (lazy: needs a Triton backend)
 
         return multi_lora_linear_triton(x, weight, bias, shared_a, shared_b, task_a, task_b, seg_offsets,
-                                        shared_scale, task_scale, lora_x=lora_x)
+                                        shared_scale, task_scale, lora_x=lora_x, param_grad_rows=param_grad_rows)
     return multi_lora_linear_reference(x, weight, bias, shared_a, shared_b, task_a, task_b, seg_offsets,
-                                       shared_scale, task_scale, lora_x=lora_x)
+                                       shared_scale, task_scale, lora_x=lora_x, param_grad_rows=param_grad_rows)
 
 
 __all__ = ["multi_lora_linear", "multi_lora_linear_reference", "multi_lora_linear_per_row", "segment_offsets", "IMPLS"]

@@ -469,7 +469,7 @@ class MultiLoRALinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, shared_a, shared_b, task_a, task_b, seg_offsets, shared_scale, task_scale,
-                lora_x=None, fuse_shrink=None):
+                lora_x=None, fuse_shrink=None, param_grad_rows=None):
         x2 = x.reshape(-1, x.shape[-1])
         lx2 = lora_x.reshape(-1, lora_x.shape[-1]) if lora_x is not None else None
         dims = _Dims(x2, weight, shared_a, task_a)
@@ -492,12 +492,13 @@ class MultiLoRALinearFn(torch.autograd.Function):
         ctx.x_shape, ctx.lora_x_shape = x.shape, (lora_x.shape if lora_x is not None else None)
         lora_in = lx2 if lx2 is not None else x2
         x_for_dw = x2 if weight.requires_grad else None
-        ctx.save_for_backward(lora_in, x_for_dw, weight, shared_a, shared_b, task_a, task_b, seg_offsets, h)
+        ctx.save_for_backward(lora_in, x_for_dw, weight, shared_a, shared_b, task_a, task_b, seg_offsets, h,
+                              param_grad_rows)
         return y.reshape(*x.shape[:-1], dims.d_out)
 
     @staticmethod
     def backward(ctx, dy):
-        lora_in, x_for_dw, weight, shared_a, shared_b, task_a, task_b, seg_offsets, h = ctx.saved_tensors
+        lora_in, x_for_dw, weight, shared_a, shared_b, task_a, task_b, seg_offsets, h, grad_rows = ctx.saved_tensors
         dims = ctx.dims
         shared_scale, task_scale = ctx.scales
         need = ctx.needs_input_grad
@@ -528,6 +529,11 @@ class MultiLoRALinearFn(torch.autograd.Function):
             _launch_shrink(dy2, g, seg, b_op, *lora_args)
 
         d_sa = d_sb = d_ta = d_tb = None
+        if grad_rows is not None and (need_dbb or need_da):
+            # Gradient routing: rows with grad_rows False add nothing to dA/dB (their dX above is complete).
+            # Masking the rank-sized factors h and g ([N, R_PAD]) costs ~2 R_PAD/d of one pass over dY.
+            keep = grad_rows.reshape(-1, 1).to(h.dtype)
+            h, g = h * keep, g * keep
         if need_dbb:
             # dB[c, j] = s_j sum_n dY[n, c] h[n, j]  (B is [d_out, r]: natural layout)
             buf0 = torch.zeros(dims.d_out, dims.r0, dtype=torch.float32, device=dy2.device) if dims.r0 else None
@@ -554,20 +560,22 @@ class MultiLoRALinearFn(torch.autograd.Function):
             dx = dx.reshape(ctx.x_shape) if need_dx else None
         if dlx is not None:
             dlx = dlx.reshape(ctx.lora_x_shape) if need_dlx else None
-        return dx, d_w, d_bias, d_sa, d_sb, d_ta, d_tb, None, None, None, dlx, None
+        return dx, d_w, d_bias, d_sa, d_sb, d_ta, d_tb, None, None, None, dlx, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------------------
 def multi_lora_linear_triton(x, weight, bias, shared_a, shared_b, task_a, task_b, seg_offsets,
-                             shared_scale: float, task_scale: float, lora_x=None, fuse_shrink: Optional[bool] = None):
+                             shared_scale: float, task_scale: float, lora_x=None, fuse_shrink: Optional[bool] = None,
+                             param_grad_rows=None):
     """Fused Triton multi-task LoRA linear; same maths, shapes and arguments as ``multi_lora_linear_reference``.
 
     Shapes: x, lora_x [..., d_in] (rows sorted by task); weight [d_out, d_in]; bias [d_out] | None;
     shared_a [r0, d_in], shared_b [d_out, r0] | None; task_a [T, r, d_in], task_b [T, d_out, r] | None;
     seg_offsets [T + 1] integer tensor on x's device (never read on the host). Returns [..., d_out].
     ``fuse_shrink``: None = heuristic, True/False force the shrink into / out of the GEMM (benchmarking).
+    ``param_grad_rows``: [N] bool or None, rows whose adapter parameter gradients count (see the reference).
     """
     if (shared_a is None) != (shared_b is None) or (task_a is None) != (task_b is None):
         raise ValueError("an adapter needs both its A and its B (or neither)")
@@ -586,8 +594,10 @@ def multi_lora_linear_triton(x, weight, bias, shared_a, shared_b, task_a, task_b
         raise ValueError(f"shared + task rank {r_total} > {2 * MAX_RANK} is not supported by these kernels")
     if lora_x is not None and lora_x.shape != x.shape:
         raise ValueError("lora_x must have x's shape")
+    if param_grad_rows is not None and param_grad_rows.numel() != x.numel() // x.shape[-1]:
+        raise ValueError(f"param_grad_rows has {param_grad_rows.numel()} entries for {x.numel() // x.shape[-1]} rows")
     return MultiLoRALinearFn.apply(x, weight, bias, shared_a, shared_b, task_a, task_b, seg_offsets,
-                                   float(shared_scale), float(task_scale), lora_x, fuse_shrink)
+                                   float(shared_scale), float(task_scale), lora_x, fuse_shrink, param_grad_rows)
 
 
 class MultiLoRALinear(torch.nn.Module):

@@ -47,3 +47,20 @@ def s3_server():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """A LLaMA-style sentencepiece tokenizer built in-process (tests/llama_like_tokenizer.py; no download)."""
+    from tests.llama_like_tokenizer import build_llama_like_tokenizer
+
+    return build_llama_like_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The project's tiny byte-level BPE tokenizer, trained on the same corpus."""
+    from ckf_dist.model.llm import build_tiny_tokenizer
+    from tests.llama_like_tokenizer import CORPUS
+
+    return build_tiny_tokenizer(list(CORPUS), 300)

@@ -90,14 +90,16 @@ def test_reader_missing_folder_names_it(tmp_path):
 
 
 def test_warm_start_copies_overlapping_rows(planted):
+    """Rows follow raw ids (an interactions-only folder's raw ids are its data-set ids, as strings)."""
     from ckf_dist.cf.store import EmbeddingVersion
 
     prev = EmbeddingVersion("v0", np.full((3, 8), 0.5, np.float32), np.full((2, 8), -0.5, np.float32),
-                            np.array([0, 1, 999]), np.array([4, 5]), {"model_type": "mf"})
+                            np.array([0, 1, 999]), np.array([4, 5]), {"model_type": "mf"},
+                            np.array(["0", "1", "999"]), np.array(["4", "5"]))
     cfg = CFConfig(model="mf", dim=8, epochs=1, lr=1e-9)
     res = train_cf(planted, cfg, previous=prev, progress=QUIET)
-    assert res.warm_start == {"from_version": "v0", "users": 2, "items": 2, "users_out_of_range": 1,
-                              "items_out_of_range": 0}
+    assert res.warm_start == {"from_version": "v0", "users": 2, "items": 2, "users_not_in_data": 1,
+                              "items_not_in_data": 0}
     assert np.allclose(res.user_table[[0, 1]], 0.5, atol=1e-4) and np.allclose(res.item_table[[4, 5]], -0.5, atol=1e-4)
 
 
@@ -109,8 +111,17 @@ def movielens(tmp_path_factory):
     return read_interactions(root, engine="arrow", progress=QUIET)
 
 
+@pytest.fixture(scope="module")
+def popularity(movielens):
+    """The popularity baseline on ML-100K test, through the same evaluator: score(u, i) = train count of i
+    (1-d tables: users all 1, items their count). Measured 2026-11-27: AUC 0.799, Recall@20 0.116."""
+    _, items, _ = movielens.select("train")
+    counts = np.bincount(items, minlength=movielens.num_items).astype(np.float32)
+    return evaluate_tables(np.ones((movielens.num_users, 1), np.float32), counts[:, None], movielens, "test")
+
+
 @pytest.mark.parametrize("model", ["mf", "lightgcn"])
-def test_movielens_100k(movielens, model, capsys):
+def test_movielens_100k(movielens, popularity, model, capsys):
     cfg = CFConfig(model=model, loss="bpr", dim=32, epochs=30 if model == "mf" else 20, batch_size=4096, lr=0.01,
                    patience=4)
     res = train_cf(movielens, cfg, progress=QUIET)
@@ -119,8 +130,11 @@ def test_movielens_100k(movielens, model, capsys):
         print(f"\nML-100K {model}-BPR d=32: valid {res.metrics['auc']:.4f}/{res.metrics['recall@20']:.4f}, "
               f"test AUC {test['auc']:.4f} Recall@20 {test['recall@20']:.4f} NDCG@20 {test['ndcg@20']:.4f} "
               f"({res.metrics['epochs_run']} epochs, {res.metrics['train_seconds']:.1f}s)")
-    # popularity alone gives ~0.85 AUC on ML-100K; random is 0.5 / ~0.01
-    assert test["auc"] > 0.83 and test["recall@20"] > 0.1, test
+    # The CF model must beat popularity by a clear margin, not just clear a fixed bar. Measured 2026-11-27
+    # (seeds 0-2): MF AUC 0.865-0.870 / Recall@20 0.160-0.174, LightGCN 0.865 / 0.149-0.153, popularity
+    # 0.799 / 0.116: margins >= 0.066 AUC and >= 0.033 Recall@20; asserted 0.04 and 0.015.
+    assert test["auc"] > popularity["auc"] + 0.04, (test, popularity)
+    assert test["recall@20"] > popularity["recall@20"] + 0.015, (test, popularity)
 
 
 def test_movielens_100k_rating_rmse(movielens):

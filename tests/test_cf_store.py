@@ -80,33 +80,102 @@ def test_resume_restores_the_pinned_version(tmp_path):
     assert float(load_version(root).user_table[0, 0]) == 2.0
 
 
-def test_reader_during_publication_sees_old_or_new_never_a_mix(tmp_path):
+class Pause:
+    """Stops one thread at a chosen store call until the test releases it, to force an interleaving without
+    sleeps: the first call of ``store.<func>`` from the thread named ``thread`` on a path ending with ``suffix``
+    sets ``reached`` and waits for ``go`` (the 60 s waits only bound a hang; no outcome depends on time)."""
+
+    def __init__(self, monkeypatch, func: str, suffix: str, thread: str):
+        self.reached, self.go = threading.Event(), threading.Event()
+        real = getattr(store, func)
+
+        def paused(fs, path, *args):
+            if threading.current_thread().name == thread and path.endswith(suffix) and not self.reached.is_set():
+                self.reached.set()
+                assert self.go.wait(60), "the test never released the paused thread"
+            return real(fs, path, *args)
+
+        monkeypatch.setattr(store, func, paused)
+
+    def wait_reached(self):
+        assert self.reached.wait(60), "the thread never reached the pause point"
+
+
+def _in_thread(name, fn):
+    """Runs fn in a thread named ``name``; returns (thread, box) with box["value"] or box["error"] once joined."""
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            box["error"] = exc
+
+    t = threading.Thread(target=run, name=name)
+    t.start()
+    return t, box
+
+
+def _values(ev):
+    """The single value of each table of a version published by ``_publish`` (uniform tables)."""
+    u, i = np.unique(ev.user_table), np.unique(ev.item_table)
+    assert len(u) == 1 and len(i) == 1, f"{ev.version}: tables are not uniform: {u} {i}"
+    return float(u[0]), float(i[0])
+
+
+# (where the reader stops, publishes while it waits, keep, the value it must return):
+READER_CASES = {
+    # pointer read (v1), v2 published; v1 is still kept -> the reader finishes on v1, whole
+    "pointer_read_then_publish": ("manifest.json", 1, 2, 1.0),
+    # pointer read (v1), v2 and v3 published with keep=1 -> v1 is gone; the reader re-reads the pointer -> v3
+    "version_deleted_before_manifest": ("manifest.json", 2, 1, 3.0),
+    # user table of v1 read, then v1 deleted (v2 published, keep=1) -> never v1's users with v2's items: v2 whole
+    "version_deleted_between_tables": ("item_table.npy", 1, 1, 2.0),
+}
+
+
+@pytest.mark.parametrize("case", list(READER_CASES))
+def test_reader_interrupted_by_publication_sees_old_or_new_never_a_mix(tmp_path, monkeypatch, case):
+    suffix, publishes, keep, expect = READER_CASES[case]
     root = str(tmp_path)
-    _publish(root, value=0.0, n_users=400, n_items=300, d=16)
-    stop = threading.Event()
-    seen, errors = set(), []
+    _publish(root, value=1.0, n_users=40, n_items=30, d=4, keep=keep)
+    pause = Pause(monkeypatch, "_read_bytes", suffix, thread="reader")
+    thread, box = _in_thread("reader", lambda: load_version(root))
+    pause.wait_reached()
+    for k in range(publishes):
+        _publish(root, value=2.0 + k, n_users=40, n_items=30, d=4, keep=keep)
+    pause.go.set()
+    thread.join(60)
+    assert "error" not in box, box.get("error")
+    assert _values(box["value"]) == (expect, expect)
+    assert len(list_versions(root)) == min(keep, publishes + 1)
 
-    def reader():
-        while not stop.is_set():
-            try:
-                ev = load_version(root)
-                u, i = np.unique(ev.user_table), np.unique(ev.item_table)
-                if len(u) != 1 or len(i) != 1 or u[0] != i[0]:
-                    errors.append(f"mixed tables in {ev.version}: {u} {i}")
-                seen.add(float(u[0]))
-            except Exception as exc:  # noqa: BLE001
-                errors.append(repr(exc))
 
-    threads = [threading.Thread(target=reader) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for k in range(1, 15):
-        _publish(root, value=float(k), n_users=400, n_items=300, d=16, keep=2)
-    stop.set()
-    for t in threads:
-        t.join()
-    assert not errors, errors[:3]
-    assert len(seen) > 1 and float(load_version(root).user_table[0, 0]) == 14.0
+@pytest.mark.parametrize("stop_before", ["manifest.json", "latest"])
+def test_publication_in_progress_is_invisible_until_the_pointer_moves(tmp_path, monkeypatch, stop_before):
+    """A publisher stopped after writing the tables (before the manifest) or after the manifest (before the
+    pointer): readers still get the previous version, whole; once the pointer moves they get the new one."""
+    root = str(tmp_path)
+    v1 = _publish(root, value=1.0)
+    pause = Pause(monkeypatch, "_write_atomic", stop_before, thread="publisher")
+    thread, box = _in_thread("publisher", lambda: _publish(root, value=2.0))
+    pause.wait_reached()
+    assert latest_version(root) == v1
+    assert _values(load_version(root)) == (1.0, 1.0)
+    pending = [v for v in os.listdir(os.path.join(root, "versions")) if v != v1]
+    assert len(pending) == 1  # its folder exists, tables written
+    if stop_before == "manifest.json":
+        assert list_versions(root) == [v1]  # no manifest yet: not a version
+        with pytest.raises(CorruptVersionError, match="incomplete"):
+            load_version(root, pending[0])
+    else:
+        assert list_versions(root) == sorted([v1, pending[0]])  # complete, but not latest yet
+        assert _values(load_version(root, pending[0])) == (2.0, 2.0)
+    pause.go.set()
+    thread.join(60)
+    assert "error" not in box, box.get("error")
+    assert box["value"] == pending[0] == latest_version(root)
+    assert _values(load_version(root)) == (2.0, 2.0)
 
 
 def test_crashed_publish_leaves_latest_alone(tmp_path, monkeypatch):
@@ -179,8 +248,8 @@ def test_concurrent_publishers_do_not_corrupt_each_other(tmp_path):
     for p in procs:
         p.start()
     for p in procs:
-        p.join(60)
-    assert [q.get(timeout=5) for _ in procs] == ["ok", "ok"]
+        p.join(600)  # a hang guard only
+    assert [q.get(timeout=60) for _ in procs] == ["ok", "ok"]
     versions = list_versions(root)
     assert len(versions) == 4  # keep=4 out of 12 publishes
     for v in versions:

@@ -54,7 +54,8 @@ def test_topk_ties_are_chance_level():
     assert M.topk_metrics([], []) == {}
 
 
-@pytest.mark.parametrize("text,value", [("4", 4.0), (" 5.", 5.0), ("3 stars", 3.0), ("2.5", 2.5),
+@pytest.mark.parametrize("text,value", [("4", 4.0), (" 5.", 5.0), ("3 stars", 3.0), ("2.5", 2.5), ("3.5", 3.5),
+                                        (" 3.5", 3.5), ("2.75 stars", 2.75),
                                         ("rating: 1", 1.0), ("7", None), ("0", None), ("Yes", None),
                                         ("", None), (None, None)])
 def test_parse_rating(text, value):

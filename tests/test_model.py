@@ -228,3 +228,77 @@ def test_curriculum_weight():
     assert curriculum_text_weight("two_stage", 49, S) == 1.0 and curriculum_text_weight("two_stage", 50, S) == 0.0
     with pytest.raises(ValueError):
         curriculum_text_weight("cosine", 1, S)
+
+
+def _routed_setup(tokenizer):
+    b = _batch(tokenizer)
+    b["task_ids"] = torch.tensor([0, 0, 1, 1, 2, 3])
+    b["row_offsets"] = segment_offsets(b["task_ids"], 4)
+    labels = torch.full_like(b["input_ids"], -100)
+    labels[:, -3:] = b["input_ids"][:, -3:]
+    b["labels"], b["attention_mask"] = labels, torch.ones_like(b["input_ids"])
+    return b
+
+
+def _grads(tokenizer, b, **kwargs):
+    model = _model(tokenizer).train()
+    torch.manual_seed(5)
+    with torch.no_grad():  # non-zero B: the adapters shape the path from the soft tokens to the loss
+        for layer in model.lora_layers:
+            for name in ("shared_b", "task_b"):
+                p = getattr(model.llm.get_submodule(layer), name)
+                if p is not None:
+                    p.normal_(std=0.1)
+    model(b, **kwargs)["loss"].backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_spec_routing_text_loss_trains_loras_hybrid_loss_trains_mapping(tokenizer):
+    """ckf_method.md section 3: with route_gradients the LoRAs' gradients are those of the text-only loss and the
+    mapping side's those of the hybrid loss (which still flows back *through* the adapted LLM)."""
+    b = _routed_setup(tokenizer)
+    routed = _grads(tokenizer, b, text_weight=0.5, route_gradients=True)
+    text_only = _grads(tokenizer, b, text_weight=1.0)  # loss = L_text
+    hybrid_only = _grads(tokenizer, b, text_weight=0.0)  # loss = L_hybrid
+    joint = _grads(tokenizer, b, text_weight=0.5)
+    lora = [n for n in routed if "shared_" in n or "task_" in n]
+    mapping = [n for n in routed if n not in lora]
+    assert lora and mapping and any("meta_net" in n for n in mapping) and any("item_proj" in n for n in mapping)
+    for n in lora:
+        torch.testing.assert_close(routed[n], 0.5 * text_only[n], rtol=1e-5, atol=1e-7)
+    for n in mapping:
+        torch.testing.assert_close(routed[n], 0.5 * hybrid_only[n], rtol=1e-5, atol=1e-7)
+        assert hybrid_only[n].abs().sum() > 0, n
+    # ...and the routing changes something: without it, the hybrid rows train the LoRAs too.
+    assert any(not torch.allclose(joint[n], routed[n]) for n in lora)
+    assert any(hybrid_only[n].abs().sum() > 0 for n in lora)
+
+
+@pytest.mark.parametrize("kind,extra", [("linear", 0), ("mlp", 32 * 32 + 32)])
+def test_projector_kinds(tokenizer, kind, extra):
+    from ckf_dist.model.ckf import build_projector
+
+    proj = build_projector(kind, 4, 32)
+    assert sum(p.numel() for p in proj.parameters()) == 4 * 32 + 32 + extra
+    if kind == "linear":
+        assert isinstance(proj, torch.nn.Linear)  # the spec: one linear layer d -> hidden
+    with pytest.raises(ValueError, match="cf.projector"):
+        build_projector("conv", 4, 32)
+
+
+def test_answer_logits_at_the_scored_position(tokenizer):
+    """batch["score_pos"][r] = k returns the logits predicting answer token k of row r (capped at the last)."""
+    b = _routed_setup(tokenizer)
+    model = _model(tokenizer).eval()
+    with torch.no_grad():
+        first = model(b)["answer_logits"]
+        b["score_pos"] = torch.tensor([0, 1, 2, 5, 1, 0])
+        picked = model(b)["answer_logits"]
+        hidden = model.llm.get_decoder()(inputs_embeds=model.embed_with_soft_tokens(
+            b["input_ids"], b["n_targets"], b["user_ids"], b["history"], b["targets"], b["is_hybrid"]),
+            attention_mask=b["attention_mask"]).last_hidden_state
+        full = model.llm.get_output_embeddings()(hidden)  # [B, L, V]
+    length = b["input_ids"].shape[1]
+    for r, k in enumerate([0, 1, 2, 2, 1, 0]):  # 3 answer tokens per row: k = 5 is capped at 2
+        torch.testing.assert_close(picked[r], full[r, length - 4 + k])
+    torch.testing.assert_close(first[3], full[3, length - 4])

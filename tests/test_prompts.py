@@ -170,3 +170,40 @@ def test_synthetic_titles_short_and_unique():
     titles = raw.items.column("title").to_pylist()
     assert len(set(titles)) == len(titles)
     assert all(2 <= len(t.split()) <= 3 for t in titles)
+
+
+def test_fractional_ratings_are_written_exactly(tmp_path):
+    """A generic CSV with ratings 3.5, 4 and 2.75: the rating and review_rating answers and the "rated:" history
+    carry the exact rating ("3.5", "4", "2.75"), the same value as the label, never a truncated "3"."""
+    import pyarrow.dataset as pads
+
+    from ckf_dist.config import load_config
+    from ckf_dist.data.prepare import prepare
+
+    ratings = ("3.5", "4", "2.75")
+    lines = ["user,item,stars,when,name,text"]
+    lines += [f"u{u},m{(u * 2 + k) % 12},{ratings[(u + k) % 3]},{1_600_000_000 + 3600 * k},Film {(u * 2 + k) % 12},"
+              f"I watched film number {k} and liked it a lot." for u in range(5) for k in range(6)]
+    (tmp_path / "log.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    prepare(load_config([f"data.path={out}", "data.source=generic", f"data.raw_path={tmp_path / 'log.csv'}",
+                         "data.column_map={user: user, item: item, rating: stars, timestamp: when, title: name, "
+                         "review: text}", "data.tasks=[ctr,topk,rating,explanation,review_rating]"]),
+            progress=lambda m: None)
+    read = lambda sub: pads.dataset(f"{out}/{sub}", format="parquet").to_table()  # noqa: E731
+    inter = read("interactions").to_pydict()
+    rated = {(u, i): r for u, i, r in zip(inter["user_id"], inter["item_id"], inter["rating"])}
+    titles = dict(zip(*read("items").select(["item_id", "title"]).to_pydict().values()))
+    text = {3.5: "3.5", 4.0: "4", 2.75: "2.75"}
+    answers, histories = set(), 0
+    for split in SPLITS:
+        for r in read(f"prompts/{split}").to_pylist():
+            if r["task"] not in ("rating", "review_rating"):
+                continue
+            assert r["answer"] == text[r["label"]], r
+            answers.add((r["answer"], r["label"]))
+            if r["task"] == "rating" and r["history_item_ids"]:
+                clauses = [f"{titles[h]}: {text[rated[(r['user_id'], h)]]}" for h in r["history_item_ids"]]
+                assert r["prompt_hybrid"].startswith(f"The user {PLACEHOLDER} rated: " + "; ".join(clauses) + ". ")
+                histories += 1
+    assert {("3.5", 3.5), ("4", 4.0), ("2.75", 2.75)} <= answers and histories > 0

@@ -39,3 +39,53 @@ def test_sync_without_a_process_group_keeps_local_seconds():
     clock.seconds = 5.0
     clock.sync("cpu")
     assert clock.seconds == 5.0
+
+
+def _clock_rank(rank: int, port: int, seconds: list, out):
+    import torch.distributed as dist
+
+    from ckf_dist.worker import TrainingClock
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        clock = TrainingClock(max_steps=1000, max_minutes=1.0)  # 60 s budget
+        stopped = None
+        for step, s in enumerate(seconds[rank], start=1):  # this rank's own clock readings, step by step
+            clock.seconds = s
+            clock.sync(torch_device())
+            if clock.done(step):
+                stopped = step
+                break
+        out.put((rank, stopped, clock.seconds))
+    finally:
+        dist.destroy_process_group()
+
+
+def torch_device():
+    import torch
+
+    return torch.device("cpu")
+
+
+def test_ranks_agree_on_the_time_budget_stop():
+    """Each rank measures its own seconds; without the all-reduce in TrainingClock.sync the slower rank would stop
+    one step earlier than the other and the next collective would hang. With it both stop at the same step."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # rank 1 runs 1.5 s behind rank 0: it crosses the 60 s budget at step 4, rank 0 only at step 5
+    seconds = [[20.0, 35.0, 50.0, 59.0, 61.0, 70.0], [21.5, 36.5, 51.5, 60.5, 62.5, 71.5]]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_clock_rank, args=(r, port, seconds, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert [r[1] for r in results] == [4, 4], results  # both stop at step 4 (the slower rank's)
+    assert [r[2] for r in results] == [60.5, 60.5]  # and agree on the seconds used

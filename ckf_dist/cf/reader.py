@@ -12,6 +12,10 @@ Two engines give identical results:
 Nothing is dropped silently: rows with a null or negative id, an id outside the data set's declared
 range, or an unknown split are counted per reason in ``Interactions.stats["malformed"]``, excluded, and
 reported through ``progress``.
+
+The id maps (raw id of each data-set id, from ``users/`` and ``items/``; the identity for an interactions-only
+folder) and the data-set binding (``ckf_dist.cf.binding``) come with the interactions, read between two reads
+of ``_manifest.json``: a data set re-prepared while it is read raises instead of binding a mix of two.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
+from ckf_dist.cf.binding import make_binding
 from ckf_dist.config import S3Config
 from ckf_dist.data import io
 from ckf_dist.data.schema import INTERACTIONS_SCHEMA, MANIFEST, SPLITS
@@ -42,6 +47,8 @@ class Interactions:
     users, items: int64 [E] contiguous data-set ids; ratings: float32 [E] (NaN where null);
     timestamps: int64 [E]; split: int8 [E] (0 train, 1 valid, 2 test).
     num_users / num_items: the id ranges (declared by the data set's manifest, else max id + 1).
+    user_raw_ids / item_raw_ids: str [num_users] / [num_items], the raw (source) id of each data-set id; None
+    when unknown (an ``Interactions`` built by hand). binding: ``make_binding`` of the data set (may be empty).
     """
 
     users: np.ndarray
@@ -53,6 +60,9 @@ class Interactions:
     num_items: int
     stats: dict = field(default_factory=dict)
     snapshot: dict = field(default_factory=dict)
+    user_raw_ids: Optional[np.ndarray] = None
+    item_raw_ids: Optional[np.ndarray] = None
+    binding: dict = field(default_factory=dict)
 
     def select(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(users [n], items [n], ratings [n]) of one split."""
@@ -90,22 +100,57 @@ def _read_table_arrow(path: str, fs: pafs.FileSystem) -> pa.Table:
     return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=COLUMNS)
 
 
-def _declared_counts(fs: pafs.FileSystem, root: str) -> tuple[Optional[int], Optional[int], Optional[str]]:
-    """(num_users, num_items, manifest sha256) from the data set's ``_manifest.json`` when present."""
+def _manifest_bytes(fs: pafs.FileSystem, root: str) -> Optional[bytes]:
+    """The bytes of ``<root>/_manifest.json``, None when there is none."""
     path = io.join(root, MANIFEST)
     if not io.exists(fs, path):
+        return None
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:  # removed in between (a prepare started)
+        return None
+
+
+def _declared_counts(raw: Optional[bytes], path: str) -> tuple[Optional[int], Optional[int], Optional[dict]]:
+    """(num_users, num_items, manifest dict) from the bytes of the data set's ``_manifest.json`` when present."""
+    if raw is None:
         return None, None, None
-    with fs.open_input_stream(path) as f:
-        raw = f.read()
     try:
         man = json.loads(raw.decode("utf-8"))
     except ValueError as exc:
         raise ValueError(f"data set manifest {path} is not valid JSON: {exc}") from exc
-    counts = man.get("counts", man) if isinstance(man, dict) else {}
+    if not isinstance(man, dict):
+        raise ValueError(f"data set manifest {path} is not a JSON object")
+    counts = man.get("counts", man)
     nu = counts.get("num_users", man.get("num_users"))
     ni = counts.get("num_items", man.get("num_items"))
-    return (int(nu) if nu is not None else None, int(ni) if ni is not None else None,
-            hashlib.sha256(raw).hexdigest())
+    return int(nu) if nu is not None else None, int(ni) if ni is not None else None, man
+
+
+def _id_map(fs: pafs.FileSystem, root: str, data_root: str, table: str, n: int) -> Optional[np.ndarray]:
+    """str [n]: raw id of each data-set id from ``<root>/<table>/`` (users | items), None when absent.
+
+    Raises ValueError naming the folder when the ids are not exactly 0..n-1 or a raw id is null or repeated.
+    """
+    folder = io.join(root, table)
+    if fs.get_file_info(folder).type != pafs.FileType.Directory:
+        return None
+    key = table[:-1]  # user | item
+    t = pads.dataset(folder, filesystem=fs, format="parquet").to_table(columns=[f"{key}_id", f"raw_{key}_id"])
+    where = f"{io.join(data_root, table)}"
+    if t.column(f"{key}_id").null_count or t.column(f"raw_{key}_id").null_count:
+        raise ValueError(f"{where}: null {key}_id or raw_{key}_id")
+    ids = t.column(f"{key}_id").to_numpy(zero_copy_only=False).astype(np.int64)
+    raw = np.asarray(t.column(f"raw_{key}_id").to_pylist(), dtype=str)
+    if len(ids) != n or not np.array_equal(np.sort(ids), np.arange(n)):
+        raise ValueError(f"{where}: {key}_id must be exactly 0..{n - 1} once each (the data set's id range), "
+                         f"found {len(ids)} rows with ids {ids.min() if len(ids) else None}..{ids.max() if len(ids) else None}")
+    if len(np.unique(raw)) != n:
+        raise ValueError(f"{where}: raw_{key}_id has duplicates")
+    out = np.empty(n, dtype=raw.dtype)
+    out[ids] = raw
+    return out
 
 
 def read_interactions(data_root: str, *, s3: Optional[S3Config] = None, engine: str = "ray",
@@ -123,6 +168,7 @@ def read_interactions(data_root: str, *, s3: Optional[S3Config] = None, engine: 
     if not infos:
         raise FileNotFoundError(f"no interaction shards (*.parquet) under {io.join(data_root, 'interactions')}")
     infos.sort(key=lambda i: i.path)
+    manifest_raw = _manifest_bytes(fs, root)  # read again at the end: a re-prepare in between raises
     if engine == "ray":
         ensure_ray(ray_address, ray_num_cpus)
         table = _read_table_ray(inter, fs)
@@ -148,7 +194,8 @@ def read_interactions(data_root: str, *, s3: Optional[S3Config] = None, engine: 
     ts = (table["timestamp"].cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
           if "timestamp" in table.column_names else np.zeros(n_read, np.int64)).astype(np.int64)
 
-    declared_users, declared_items, manifest_sha = _declared_counts(fs, root)
+    declared_users, declared_items, manifest = _declared_counts(manifest_raw, io.join(data_root, MANIFEST))
+    manifest_sha = hashlib.sha256(manifest_raw).hexdigest() if manifest_raw is not None else None
     bad = {
         "null_id": null_id,
         "negative_id": ~null_id & ((users < 0) | (items < 0)),
@@ -186,4 +233,16 @@ def read_interactions(data_root: str, *, s3: Optional[S3Config] = None, engine: 
         "dataset_manifest_sha256": manifest_sha,
         "max_timestamp": int(ts.max()) if ts.size else None,
     }
-    return Interactions(users, items, ratings, ts, split, num_users, num_items, stats, snapshot)
+    user_raw = _id_map(fs, root, data_root, "users", num_users)
+    item_raw = _id_map(fs, root, data_root, "items", num_items)
+    source = {"users": "users/raw_user_id" if user_raw is not None else "identity (no users/ table)",
+              "items": "items/raw_item_id" if item_raw is not None else "identity (no items/ table)"}
+    user_raw = user_raw if user_raw is not None else np.arange(num_users).astype(str)
+    item_raw = item_raw if item_raw is not None else np.arange(num_items).astype(str)
+    if _manifest_bytes(fs, root) != manifest_raw:
+        raise ValueError(f"the data set at {data_root} changed while it was read ({MANIFEST} was rewritten or "
+                         "removed: a prepare ran meanwhile); read it again once the prepare has finished")
+    binding = make_binding(data_root, manifest, user_raw, item_raw, id_maps_source=f"{source['users']}, "
+                           f"{source['items']}", files_sha256=snapshot["files_sha256"])
+    return Interactions(users, items, ratings, ts, split, num_users, num_items, stats, snapshot,
+                        user_raw, item_raw, binding)

@@ -7,10 +7,18 @@ Layout under ``root``::
     root/versions/<id>/item_table.npy        float32 [n_item_rows, d]
     root/versions/<id>/user_ids.npy          int64 [n_user_rows]        data-set user_id of each row
     root/versions/<id>/item_ids.npy          int64 [n_item_rows]
+    root/versions/<id>/user_raw_ids.npy      str [n_user_rows]   raw (source) user id of each row; with item_raw_ids.npy
+    root/versions/<id>/item_raw_ids.npy      str [n_item_rows]   present exactly when the version has a binding
     root/versions/<id>/manifest.json         written after the tables: its presence marks the version complete
     root/.publish.lock                       (local only) flock serialising pointer moves and clean-up
 
 Version ids sort by creation time: ``v20261123T101500.123456Z-3fa9c1`` (UTC, microseconds, random suffix).
+
+A version published by the refresh job carries a **binding** to the prepared data set it was trained on:
+``manifest["binding"]`` (the data manifest's hash, a hash of the data set's id maps, a summary for error
+messages; see ``ckf_dist.cf.binding``) plus the raw id of every row (``*_raw_ids.npy``, checksummed like the
+tables). Versions without one (older ones, hand-published ones) are *unbound*: ``ckf_dist.cf.binding`` refuses
+them for use with a data set.
 
 Guarantees
 ----------
@@ -61,6 +69,7 @@ VERSIONS = "versions"
 MANIFEST_FILE = "manifest.json"
 FILES = {"user_table": "user_table.npy", "item_table": "item_table.npy",
          "user_ids": "user_ids.npy", "item_ids": "item_ids.npy"}
+RAW_ID_FILES = {"user_raw_ids": "user_raw_ids.npy", "item_raw_ids": "item_raw_ids.npy"}  # bound versions only
 STALE_INCOMPLETE_S = 3600.0
 
 
@@ -73,7 +82,8 @@ class EmbeddingVersion:
     """One loaded, verified version.
 
     user_table: float32 [n_user_rows, d], row k = data-set user ``user_ids[k]``; item_table likewise.
-    manifest: the version's manifest dict (model_type, dim, metrics, data_snapshot, files, ...).
+    manifest: the version's manifest dict (model_type, dim, metrics, data_snapshot, files, binding, ...).
+    user_raw_ids / item_raw_ids: str [n_*_rows], the raw (source) id of each row; None for an unbound version.
     """
 
     version: str
@@ -82,10 +92,18 @@ class EmbeddingVersion:
     user_ids: np.ndarray
     item_ids: np.ndarray
     manifest: dict
+    user_raw_ids: Optional[np.ndarray] = None
+    item_raw_ids: Optional[np.ndarray] = None
 
     @property
     def dim(self) -> int:
         return int(self.user_table.shape[1])
+
+    @property
+    def binding(self) -> Optional[dict]:
+        """The data-set binding recorded at publish time, or None (an unbound version)."""
+        b = self.manifest.get("binding")
+        return b if isinstance(b, dict) and self.user_raw_ids is not None and self.item_raw_ids is not None else None
 
     def dense_tables(self, num_users: Optional[int] = None, num_items: Optional[int] = None
                      ) -> tuple[np.ndarray, np.ndarray]:
@@ -221,12 +239,26 @@ def latest_version(root: str, s3: Optional[S3Config] = None) -> Optional[str]:
     return ptr["version"] if ptr else None
 
 
+def _raw_id_array(name: str, raw, n_rows: int) -> np.ndarray:
+    arr = np.asarray(raw)
+    if arr.dtype.kind not in "UO" or arr.ndim != 1 or len(arr) != n_rows:
+        raise ValueError(f"{name} has shape {arr.shape} dtype {arr.dtype}, expected [{n_rows}] strings "
+                         f"(the raw id of each table row)")
+    arr = arr.astype(str)
+    if len(np.unique(arr)) != len(arr):
+        raise ValueError(f"{name} must be unique (one raw id per row)")
+    return arr
+
+
 def publish_version(root: str, user_table: np.ndarray, item_table: np.ndarray, *, user_ids: np.ndarray,
                     item_ids: np.ndarray, model_type: str, metrics: dict, data_snapshot: dict, keep: int = 5,
-                    s3: Optional[S3Config] = None, progress: Callable[[str], None] = lambda _m: None) -> str:
+                    s3: Optional[S3Config] = None, progress: Callable[[str], None] = lambda _m: None,
+                    user_raw_ids=None, item_raw_ids=None, binding: Optional[dict] = None) -> str:
     """Writes a new version (tables, id maps, manifest), then moves ``latest`` to it; returns its id.
 
     user_table [n_user_rows, d] with user_ids [n_user_rows] (data-set ids, unique); items likewise.
+    binding (``ckf_dist.cf.binding.make_binding``) with user_raw_ids [n_user_rows] / item_raw_ids [n_item_rows]
+    (str, unique): the data set the version was trained on; all three or none (an unbound version).
     Afterwards deletes complete versions beyond the newest ``keep`` (never the pointer's target) and
     stale incomplete folders. See the module docstring for the concurrency guarantee.
     """
@@ -247,16 +279,26 @@ def publish_version(root: str, user_table: np.ndarray, item_table: np.ndarray, *
         raise ValueError(f"user_table d={user_table.shape[1]} != item_table d={item_table.shape[1]}")
     if keep < 1:
         raise ValueError(f"keep={keep} must be >= 1")
+    raw = {}
+    if binding is not None or user_raw_ids is not None or item_raw_ids is not None:
+        if binding is None or user_raw_ids is None or item_raw_ids is None:
+            raise ValueError("a data-set binding needs the raw ids of the rows: pass binding, user_raw_ids and "
+                             "item_raw_ids together (or none of them for an unbound version)")
+        if not isinstance(binding, dict):
+            raise ValueError(f"binding must be a dict, got {type(binding).__name__}")
+        raw = {"user_raw_ids": _raw_id_array("user_raw_ids", user_raw_ids, len(user_table)),
+               "item_raw_ids": _raw_id_array("item_raw_ids", item_raw_ids, len(item_table))}
 
     fs, path = io.get_filesystem(root, s3)
     version = new_version_id()
     vdir = io.join(path, VERSIONS, version)
-    arrays = {"user_table": user_table, "item_table": item_table, "user_ids": user_ids, "item_ids": item_ids}
+    arrays = {"user_table": user_table, "item_table": item_table, "user_ids": user_ids, "item_ids": item_ids, **raw}
+    names = {**FILES, **RAW_ID_FILES}
     files = {}
     for key, arr in arrays.items():
         data = _npy_bytes(arr)
-        io.write_bytes(fs, io.join(vdir, FILES[key]), data)
-        files[FILES[key]] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+        io.write_bytes(fs, io.join(vdir, names[key]), data)
+        files[names[key]] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                              "shape": list(arr.shape), "dtype": str(arr.dtype)}
     manifest = _jsonable({
         "format": FORMAT,
@@ -270,6 +312,7 @@ def publish_version(root: str, user_table: np.ndarray, item_table: np.ndarray, *
         "metrics": metrics,
         "files": files,
         "writer": {"host": socket.gethostname(), "pid": os.getpid()},
+        **({"binding": binding} if binding is not None else {}),
     })
     mbytes = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
     _write_atomic(fs, io.join(vdir, MANIFEST_FILE), mbytes)
@@ -350,9 +393,13 @@ def _load(fs: pafs.FileSystem, path: str, root: str, version: str, manifest_sha:
     if manifest.get("format") != FORMAT or manifest.get("version") != version:
         raise CorruptVersionError(f"{where}: manifest format/version is {manifest.get('format')!r}/"
                                   f"{manifest.get('version')!r}, expected {FORMAT!r}/{version!r}")
+    listed = manifest.get("files") or {}
+    wanted = dict(FILES)
+    if "binding" in manifest or any(f in listed for f in RAW_ID_FILES.values()):
+        wanted.update(RAW_ID_FILES)  # a bound version: its raw ids are as required as its tables
     arrays = {}
-    for key, fname in FILES.items():
-        meta = (manifest.get("files") or {}).get(fname)
+    for key, fname in wanted.items():
+        meta = listed.get(fname)
         if meta is None:
             raise CorruptVersionError(f"{where}: manifest lists no entry for {fname}")
         try:
@@ -376,10 +423,11 @@ def _load(fs: pafs.FileSystem, path: str, root: str, version: str, manifest_sha:
         arrays[key] = arr
     d = manifest.get("dim")
     expect = {"user_table": (manifest.get("num_user_rows"), d), "item_table": (manifest.get("num_item_rows"), d),
-              "user_ids": (manifest.get("num_user_rows"),), "item_ids": (manifest.get("num_item_rows"),)}
-    for key, shape in expect.items():
-        if tuple(arrays[key].shape) != tuple(shape):
-            raise CorruptVersionError(f"{where}: {FILES[key]} has shape {tuple(arrays[key].shape)}, "
-                                      f"expected {tuple(shape)} from the manifest (dim, num_*_rows)")
+              "user_ids": (manifest.get("num_user_rows"),), "item_ids": (manifest.get("num_item_rows"),),
+              "user_raw_ids": (manifest.get("num_user_rows"),), "item_raw_ids": (manifest.get("num_item_rows"),)}
+    for key, arr in arrays.items():
+        if tuple(arr.shape) != tuple(expect[key]):
+            raise CorruptVersionError(f"{where}: {wanted[key]} has shape {tuple(arr.shape)}, "
+                                      f"expected {tuple(expect[key])} from the manifest (dim, num_*_rows)")
     return EmbeddingVersion(version, arrays["user_table"], arrays["item_table"], arrays["user_ids"],
-                            arrays["item_ids"], manifest)
+                            arrays["item_ids"], manifest, arrays.get("user_raw_ids"), arrays.get("item_raw_ids"))

@@ -145,33 +145,54 @@ def build_model(cfg: CFConfig, data: Interactions, train_users: np.ndarray, trai
     raise ValueError(f"unknown cf.model {cfg.model!r} (mf | lightgcn)")
 
 
-def _warm_start(model: MF, cfg: CFConfig, data: Interactions, previous, progress) -> dict:
-    """Copies rows of ids the previous version covers; returns what was done (for the manifest)."""
+def match_raw_ids(previous_raw: np.ndarray, current_raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows [m], ids [m]): previous row rows[k] holds the raw id whose data-set id here is ids[k].
+
+    previous_raw: str [n_rows], the raw id of each row of a version; current_raw: str [N], the raw id of each
+    data-set id of this data set (both unique). Raw ids absent from either side are left out.
+    """
+    _, rows, ids = np.intersect1d(np.asarray(previous_raw, dtype=str), np.asarray(current_raw, dtype=str),
+                                  assume_unique=True, return_indices=True)
+    return rows.astype(np.int64), ids.astype(np.int64)
+
+
+def _warm_start(model: MF, cfg: CFConfig, data: Interactions, previous, progress
+                ) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Copies the previous version's row of every user/item whose **raw id** is in this data set (never by
+    data-set index: ids are reassigned when a data set is re-prepared). Returns (what was done, for the
+    manifest; the data-set user ids and item ids that received a row)."""
+    none = np.zeros(0, np.int64)
     if previous is None:
-        return {}
+        return {}, none, none
     info = {"from_version": previous.version}
     if previous.dim != cfg.dim or previous.manifest.get("model_type") != cfg.model:
         info["skipped"] = (f"previous version is {previous.manifest.get('model_type')} d={previous.dim}, "
                            f"this run is {cfg.model} d={cfg.dim}")
-        progress(f"[cf] warm start skipped: {info['skipped']}")
-        return info
-    uid = previous.user_ids.astype(np.int64)
-    iid = previous.item_ids.astype(np.int64)
-    mu, mi = uid < data.num_users, iid < data.num_items
-    model.init_rows(torch.from_numpy(uid[mu]), torch.from_numpy(previous.user_table[mu]),
-                    torch.from_numpy(iid[mi]), torch.from_numpy(previous.item_table[mi]))
-    info.update(users=int(mu.sum()), items=int(mi.sum()),
-                users_out_of_range=int((~mu).sum()), items_out_of_range=int((~mi).sum()))
-    progress(f"[cf] warm start from {previous.version}: {info['users']} users, {info['items']} items "
-             f"({info['users_out_of_range']} users / {info['items_out_of_range']} items beyond this data set)")
-    return info
+    elif previous.user_raw_ids is None or previous.item_raw_ids is None:
+        info["skipped"] = ("the previous version has no raw ids (an unbound version): its rows cannot be "
+                           "mapped to this data set's users and items")
+    elif data.user_raw_ids is None or data.item_raw_ids is None:
+        info["skipped"] = "this data set's raw ids are unknown (no id maps in the Interactions)"
+    if "skipped" in info:
+        progress(f"[cf] warm start from {previous.version} skipped, cold start: {info['skipped']}")
+        return info, none, none
+    u_rows, u_ids = match_raw_ids(previous.user_raw_ids, data.user_raw_ids)
+    i_rows, i_ids = match_raw_ids(previous.item_raw_ids, data.item_raw_ids)
+    model.init_rows(torch.from_numpy(u_ids), torch.from_numpy(previous.user_table[u_rows]),
+                    torch.from_numpy(i_ids), torch.from_numpy(previous.item_table[i_rows]))
+    info.update(users=len(u_ids), items=len(i_ids), users_not_in_data=len(previous.user_raw_ids) - len(u_ids),
+                items_not_in_data=len(previous.item_raw_ids) - len(i_ids))
+    progress(f"[cf] warm start from {previous.version} by raw id: {info['users']} users, {info['items']} items "
+             f"({info['users_not_in_data']} users / {info['items_not_in_data']} items not in this data set)")
+    return info, u_ids, i_ids
 
 
 def train_cf(data: Interactions, cfg: CFConfig, *, previous=None, eval_split: str = "valid",
              progress: Callable[[str], None] = print) -> TrainResult:
     """Fits ``cfg.model`` on the train split of ``data``; early-stops on ``eval_split``.
 
-    previous: an ``EmbeddingVersion`` to warm-start overlapping ids from (or None).
+    previous: an ``EmbeddingVersion`` to warm-start from (or None): rows are copied by raw id (the version's
+    ``*_raw_ids`` against ``data.*_raw_ids``); a version without raw ids gives a cold start.
     Returns the tables of the best evaluation (or of the last epoch when the split is empty).
     """
     t0 = time.perf_counter()
@@ -189,7 +210,8 @@ def train_cf(data: Interactions, cfg: CFConfig, *, previous=None, eval_split: st
             progress(f"[cf] loss=mse: {skipped_no_rating} train rows without a rating are not used")
         tu, ti, tr = tu[has], ti[has], tr[has]
     model = build_model(cfg, data, tu, ti, tr)
-    warm = _warm_start(model, cfg, data, previous, progress) if cfg.warm_start else {}
+    warm, warm_users, warm_items = (_warm_start(model, cfg, data, previous, progress) if cfg.warm_start
+                                    else ({}, np.zeros(0, np.int64), np.zeros(0, np.int64)))
     sampler = NegativeSampler(tu, ti, data.num_items, gen)
     evaluator = Evaluator(data, eval_split, max_users=cfg.eval_max_users, seed=cfg.seed,
                           with_rmse=cfg.loss == "mse")
@@ -255,9 +277,8 @@ def train_cf(data: Interactions, cfg: CFConfig, *, previous=None, eval_split: st
     best_row = next(r for r in history if r["epoch"] == best_epoch)
     trained_users = np.unique(tu)
     trained_items = np.unique(ti)
-    if warm and "users" in warm:
-        trained_users = np.union1d(trained_users, previous.user_ids[previous.user_ids < data.num_users])
-        trained_items = np.union1d(trained_items, previous.item_ids[previous.item_ids < data.num_items])
+    trained_users = np.union1d(trained_users, warm_users)  # warm-started rows carry values too
+    trained_items = np.union1d(trained_items, warm_items)
     out_metrics = {k: v for k, v in best_row.items() if k not in ("epoch", "seconds")}
     out_metrics.update(best_epoch=best_epoch, epochs_run=len(history), early_stop_metric=metric,
                        eval_split=eval_split, train_seconds=time.perf_counter() - t0,

@@ -28,8 +28,9 @@ review_rating: no reviews).
 A user without history reads "The user <cf> is new." Labels: ctr 1/0 (rating > 3; every interaction of an
 implicit-feedback source is positive), plus sampled never-interacted items as label-0 rows until the classes
 balance; topk: index of the positive among ``data.num_candidates`` shuffled candidates (the rest are sampled
-never-interacted items); rating, review_rating: the rating; explanation: -1. Rows of a split are written in a seeded random
-order so that a streaming reader's local shuffle buffer sees all tasks mixed. Everything is deterministic for
+never-interacted items); rating, review_rating: the rating (written in answers and "rated:" histories as its
+exact shortest decimal, "4" or "3.5", never truncated); explanation: -1. Rows of a split are written in a seeded
+random order so that a streaming reader's local shuffle buffer sees all tasks mixed. Everything is deterministic for
 a given ``data.seed`` (each (split, task) has its own generator, so dropping a task changes no other task).
 """
 from __future__ import annotations
@@ -104,6 +105,17 @@ class NegativeSampler:
         return out
 
 
+def rating_text(ratings: np.ndarray) -> pa.Array:
+    """Each rating as its exact shortest decimal text: 4 -> "4", 3.5 -> "3.5", 4.2 (float32) -> "4.2"; NaN
+    (no rating) -> "". Formatted once per distinct value."""
+    values = np.asarray(ratings, dtype=np.float32)
+    if values.size == 0:
+        return pa.array([], pa.string())
+    uniq, inverse = np.unique(values, return_inverse=True)
+    text = np.array(["" if np.isnan(u) else np.format_float_positional(u, trim="-") for u in uniq], dtype=object)
+    return pa.array(text[inverse.reshape(-1)], pa.string())
+
+
 def _ranges(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(int32 list offsets, flat indices) such that list r is flat[offsets[r]:offsets[r+1]] = starts[r]..ends[r]-1."""
     lengths = ends - starts
@@ -127,7 +139,7 @@ class _Renderer:
         offsets, flat = _ranges(data.hist_start, data.hist_end)
         row_titles = self.titles.take(pa.array(data.item))
         has_rating = ~np.isnan(data.rating)
-        rating_str = pc.cast(pa.array(np.nan_to_num(data.rating).astype(np.int64)), pa.string())
+        rating_str = rating_text(data.rating)
         row_rated = pc.if_else(pa.array(has_rating), _concat(row_titles, ": ", rating_str), row_titles)
         is_new = pa.array(offsets[1:] == offsets[:-1])
         offsets_arr = pa.array(offsets)
@@ -203,7 +215,7 @@ def _rating(data, r, rows, split):
     items = data.item[rows]
     hybrid = _concat(r.rated_intro.take(pa.array(rows)), " How will the user rate ", r.title(items),
                      f"{P}? Answer 1 to 5.")
-    answers = pc.cast(pa.array(data.rating[rows].astype(np.int64)), pa.string())
+    answers = rating_text(data.rating[rows])
     return _task_table(data, split, "rating", rows, items[:, None], data.rating[rows], hybrid, answers)
 
 
@@ -226,7 +238,7 @@ def _review_rating(data, r, rows, split, cfg):
     items = data.item[rows]
     hybrid = _concat(f"The user{P} wrote about ", r.title(items), f"{P}: '", sentences,
                      "'. What rating did the user give? Answer 1 to 5.")
-    answers = pc.cast(pa.array(data.rating[rows].astype(np.int64)), pa.string())
+    answers = rating_text(data.rating[rows])
     return _task_table(data, split, "review_rating", rows, items[:, None], data.rating[rows], hybrid, answers)
 
 
@@ -267,6 +279,8 @@ def build_prompts(data: Canonical, cfg: DataConfig, has_ratings: bool, has_revie
         rows = np.flatnonzero(data.split == code)
         parts = []
         for task in tasks:
+            if task not in TASK_IDS:
+                raise ValueError(f"data.tasks: unknown task {task!r}; known: {sorted(TASK_IDS)}")
             rng = np.random.default_rng([cfg.seed, code, TASK_IDS[task]])
             if task == "ctr":
                 table = _ctr(data, renderer, sampler, rng, rows, split)
@@ -280,8 +294,8 @@ def build_prompts(data: Canonical, cfg: DataConfig, has_ratings: bool, has_revie
                 table = _explanation(data, renderer, rows, split, cfg)
             elif task == "review_rating":
                 table = _review_rating(data, renderer, rows, split, cfg)
-            else:
-                raise ValueError(f"data.tasks: unknown task {task!r}; known: {sorted(TASK_IDS)}")
+            else:  # a task id without a prompt builder
+                raise ValueError(f"data.tasks: no prompt builder for task {task!r}")
             parts.append(table)
         table = pa.concat_tables(parts) if parts else PROMPTS_SCHEMA.empty_table()
         check_placeholders(table)

@@ -31,11 +31,38 @@ TOKENISED_SCHEMA = pa.schema([
 TOKENISED_BLOCK_BYTES = 8 * 1024 * 1024
 
 
+def prompt_prefix_ids(tokenizer) -> list[int]:
+    """The special tokens ``tokenizer(text)`` puts before a text with its default special tokens: [bos] for
+    LLaMA-family tokenizers, [] for a tokenizer without a post-processor (the tiny byte-level BPE, SmolLM2's
+    GPT-2-style one). Prompts start with them, as the pretrained model expects; answers never do."""
+    probe = "The user"
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe)["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start]
+    special = set(tokenizer.all_special_ids)  # the text itself tokenised differently: its leading specials
+    n = 0
+    while n < len(full) and full[n] in special:
+        n += 1
+    return full[:n]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def _fit(prompt: list[int], answer_len: int, max_len: int, head: int) -> tuple[list[int], bool]:
     """Cuts history tokens just after the first ``head`` tokens so prompt + answer fit in ``max_len``.
 
-    The answer is never cut; the user's placeholder sits inside the head, target placeholders after the
-    history, so a cut that reaches them is caught by the placeholder check that follows.
+    The answer is never cut; the head holds the prompt's leading special tokens (BOS) and the intro up to the
+    user's placeholder, target placeholders come after the history, so a cut that reaches them is caught by
+    the placeholder check that follows.
     """
     excess = len(prompt) + answer_len - max_len
     if excess <= 0:
@@ -44,18 +71,26 @@ def _fit(prompt: list[int], answer_len: int, max_len: int, head: int) -> tuple[l
 
 
 def tokenize_batch(batch: pa.Table, tokenizer, max_seq_len: int) -> pa.Table:
-    """Prompt rows (PROMPTS_SCHEMA columns) -> token ids for both forms and the answer (+ eos)."""
+    """Prompt rows (PROMPTS_SCHEMA columns) -> token ids for both forms (after the tokenizer's own leading
+    special tokens, ``prompt_prefix_ids``) and the answer (+ eos, no leading special token)."""
+    if batch.num_rows == 0:  # a Ray batch holding none of data.tasks: the tokenizer cannot take an empty list
+        return TOKENISED_SCHEMA.empty_table()
     cols = batch.to_pydict()
     ph_id = tokenizer.convert_tokens_to_ids(PLACEHOLDER)
-    text_ids = tokenizer(cols["prompt_text"], add_special_tokens=False)["input_ids"]
-    hyb_ids = tokenizer(cols["prompt_hybrid"], add_special_tokens=False)["input_ids"]
+    prefix = prompt_prefix_ids(tokenizer)
+    text_ids = [prefix + ids for ids in tokenizer(cols["prompt_text"], add_special_tokens=False)["input_ids"]]
+    hyb_ids = [prefix + ids for ids in tokenizer(cols["prompt_hybrid"], add_special_tokens=False)["input_ids"]]
     ans_ids = [ids + [tokenizer.eos_token_id] for ids in tokenizer(cols["answer"], add_special_tokens=False)["input_ids"]]
     out_text, out_hyb, truncated = [], [], []
     for i, sid in enumerate(cols["sample_id"]):
-        hyb = hyb_ids[i]
-        head = hyb.index(ph_id) + 1 if ph_id in hyb else 0
-        hyb, cut_h = _fit(hyb, len(ans_ids[i]), max_seq_len, head)
-        txt, cut_t = _fit(text_ids[i], len(ans_ids[i]), max_seq_len, max(head - 1, 0))
+        hyb, txt = hyb_ids[i], text_ids[i]
+        # head: BOS + "The user" (+ the user's placeholder in the hybrid form); the text form's head is the part
+        # it shares with the hybrid one before that placeholder
+        user_ph = hyb.index(ph_id, len(prefix)) if ph_id in hyb else None
+        head_h = len(prefix) if user_ph is None else user_ph + 1
+        head_t = max(len(prefix), _common_prefix(txt, hyb[:user_ph]) if user_ph is not None else 0)
+        hyb, cut_h = _fit(hyb, len(ans_ids[i]), max_seq_len, head_h)
+        txt, cut_t = _fit(txt, len(ans_ids[i]), max_seq_len, head_t)
         want = expected_placeholders(len(cols["target_item_ids"][i]))
         got = hyb.count(ph_id)
         if got != want:

@@ -14,6 +14,11 @@ The generative story (all draws from ``numpy.random.default_rng(data.seed)``, so
   timestamps strictly increase per user (random gaps of 10 minutes to 3 days);
 * review text (for the explanation task) is templated from the genre and the rating,
   e.g. ``"a gripping noir the user loved"``.
+
+With ``data.genre_in_text=false`` every random draw is the same, but titles take a genre-neutral word
+(``"green 17"``: the word is drawn from a pool shared by all genres) and reviews only the feeling
+(``"the user loved it"``): the text then says nothing about a user's taste or an item's genre, and only
+the CF embeddings (which see who interacted with what) can.
 """
 from __future__ import annotations
 
@@ -34,6 +39,8 @@ GENRES: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("fantasy", ("dragon", "crown", "magic", "elf", "sword"), "magical"),
     ("war", ("battle", "front", "siege", "medal", "trench"), "brutal"),
 )
+# genre_in_text=false: a title word shared by all genres (indexed like the genre words, so the draws match)
+NEUTRAL_WORDS = ("red", "old", "green", "last", "blue")
 FEELINGS = {1: "hated", 2: "disliked", 3: "found okay", 4: "liked", 5: "loved"}
 COLD_FRACTION = 0.1
 COLD_SIZES = (4, 5)
@@ -47,8 +54,17 @@ def genre_name(cluster: int) -> str:
     return base if cluster < len(GENRES) else f"{base}{cluster // len(GENRES) + 1}"
 
 
-def review_text(cluster: int, rating: int) -> str:
+def review_text(cluster: int, rating: int, genre_in_text: bool = True) -> str:
+    if not genre_in_text:
+        return f"the user {FEELINGS[int(rating)]} it"
     return f"a {GENRES[cluster % len(GENRES)][2]} {genre_name(cluster)} the user {FEELINGS[int(rating)]}"
+
+
+def title_text(cluster: int, word: int, number: int, genre_in_text: bool = True) -> str:
+    """``"<genre word> <genre> <n>"``, or ``"<neutral word> <n>"`` without genre words in the text."""
+    if not genre_in_text:
+        return f"{NEUTRAL_WORDS[word % len(NEUTRAL_WORDS)]} {number}"
+    return f"{GENRES[cluster % len(GENRES)][1][word]} {genre_name(cluster)} {number}"
 
 
 def _check(cfg: DataConfig) -> None:
@@ -75,8 +91,8 @@ def generate(cfg: DataConfig) -> tuple[RawData, dict]:
     item_cluster = rng.permutation(np.arange(n_items) % k)
     item_bias = rng.normal(0.0, 0.4, n_items)
     word_idx = rng.integers(0, len(GENRES[0][1]), n_items)
-    titles = [f"{GENRES[c % len(GENRES)][1][w]} {genre_name(c)} {i + 1}"
-              for i, (c, w) in enumerate(zip(item_cluster.tolist(), word_idx.tolist()))]
+    titles = [title_text(c, w, i + 1, cfg.genre_in_text) for i, (c, w) in enumerate(zip(item_cluster.tolist(),
+                                                                                       word_idx.tolist()))]
 
     user_cluster = rng.integers(0, k, n_users)
     user_second = (user_cluster + rng.integers(1, k, n_users)) % k if k > 1 else user_cluster.copy()
@@ -120,7 +136,7 @@ def generate(cfg: DataConfig) -> tuple[RawData, dict]:
     before_user = np.repeat(np.r_[0, csum[first[1:] - 1]], np.diff(np.r_[first, user.size]))
     timestamp = start_time[user] + (csum - before_user)
 
-    reviews_by_key = {(c, r): review_text(c, r) for c in range(k) for r in FEELINGS}
+    reviews_by_key = {(c, r): review_text(c, r, cfg.genre_in_text) for c in range(k) for r in FEELINGS}
     reviews = [reviews_by_key[(c, r)] for c, r in zip(item_cluster[item].tolist(), rating.tolist())]
     interactions = pa.table({
         "raw_user_id": pa.array([f"u{x:06d}" for x in user.tolist()], pa.string()),

@@ -5,10 +5,14 @@ tables of the adapter's version read from the embedding store, ``load_adapter``)
 prompt rows (``schema.PROMPTS_SCHEMA``) into one output row per sample (``OUT_SCHEMA``):
 
 * ctr / rating: one forward pass over prompt + true answer (``collate_prompts``): p(Yes) and the expected
-  rating from the next-token logits at the answer position (``scoring.score_rows``), the answer loss;
+  rating from the logits at the answer token where the alternatives first differ (``batch["score_pos"]``:
+  0 for a byte-level BPE, 1 for a LLaMA sentencepiece digit "▁", "4"; ``scoring.score_rows``), the answer loss;
 * topk: each sample becomes K rows (same prompt, candidate title + eos as the answer); the candidate's score
   is the mean (or sum, ``eval.topk_score``) log-probability of those answer tokens;
 * rating (+ review_rating) / explanation: greedy decoding (KV cache, left padding) of the answer: ``generated``.
+
+Prompts (all three kinds) start with the tokenizer's own leading special tokens (BOS for LLaMA-family
+tokenizers, none for the tiny BPE: ``streaming.tokenize_batch``); answers and candidate titles never do.
 
 ``CFScorer`` gives the CF-only baseline the same interface and output.
 """
@@ -119,7 +123,9 @@ class CKFScorer:
         self.cfg = from_dict(config)
         self.tokenizer = tokenizer
         self.device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
-        _, users, items = load_cf_tables(self.cfg, cf_version)
+        from ckf_dist.data.streaming import read_manifest
+
+        _, users, items = load_cf_tables(self.cfg, cf_version, read_manifest(self.cfg))
         self.model = build_ckf_model(self.cfg, tokenizer, users, items, dtype=model_dtype(self.cfg, self.device.type == "cuda"))
         with tempfile.TemporaryDirectory(prefix="ckf_eval_adapter_") as tmp:
             for name, data in adapter_files.items():
@@ -164,9 +170,12 @@ class CKFScorer:
         return out
 
     def _forward(self, sub: dict) -> tuple[dict, dict]:
+        from ckf_dist import scoring
         from ckf_dist.data.collate import collate_prompts, to_device
 
         batch = collate_prompts(sub, self.tokenizer.pad_token_id, len(TASK_IDS), forms=(self.form,))
+        # the answer token where Yes/No or "1".."5" first differ (1 for a sentencepiece digit "▁", "4")
+        batch["score_pos"] = scoring.score_positions(batch["task_ids"], self.answer_ids)
         batch = to_device(batch, self.device)
         return batch, self.model(batch, text_weight=0.0 if self.form == "hybrid" else 1.0)
 

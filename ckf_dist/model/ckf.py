@@ -65,8 +65,8 @@ class CKFModel(nn.Module):
         # Meta-network g: d -> meta_hidden -> d*d (the reference used no activation in between).
         self.meta_net = nn.Sequential(nn.Linear(cf.dim, cf.meta_hidden), act,
                                       nn.Linear(cf.meta_hidden, cf.dim * cf.dim)).to(dtype)
-        self.user_proj = nn.Sequential(nn.Linear(cf.dim, hidden), nn.GELU(), nn.Linear(hidden, hidden)).to(dtype)
-        self.item_proj = nn.Sequential(nn.Linear(cf.dim, hidden), nn.GELU(), nn.Linear(hidden, hidden)).to(dtype)
+        self.user_proj = build_projector(cf.projector, cf.dim, hidden).to(dtype)
+        self.item_proj = build_projector(cf.projector, cf.dim, hidden).to(dtype)
         self.segments = TaskSegments()
         self.lora_layers = inject_multi_lora(llm, self.segments, num_tasks, lora.rank, lora.alpha, lora.dropout,
                                              list(lora.shared_targets), list(lora.task_targets), lora.impl)
@@ -129,11 +129,12 @@ class CKFModel(nn.Module):
         return embeds.index_put((row, pos), soft[hyb_index[row], slot])
 
     # ------------------------------------------------------------------------------------------ loss
-    def forward(self, batch: dict, text_weight: float = 0.5, task_weights: Optional[torch.Tensor] = None) -> dict:
+    def forward(self, batch: dict, text_weight: float = 0.5, task_weights: Optional[torch.Tensor] = None,
+                route_gradients: bool = False) -> dict:
         """One step's loss over a collated batch (see ``ckf_dist.data.collate``).
 
         Returns {"loss": scalar, "row_loss": [B] mean answer-token CE per row (detached), "answer_logits":
-        [B, V] the logits that predict each row's first answer token (zeros for a row without an answer)}.
+        [B, V] the logits that predict each row's answer token number ``batch["score_pos"]`` (0 = the first) (zeros for a row without an answer)}.
         ``text_weight`` = lambda of the curriculum: loss = lam * L_text + (1 - lam) * L_hybrid, each the
         task-weighted mean of per-task mean row losses over the rows of that form present in the batch.
 
@@ -141,7 +142,10 @@ class CKFModel(nn.Module):
         all B x L: with SmolLM2's 49k vocabulary, 32 rows x 384 tokens of fp32 logits alone would be 2.4 GB
         (plus their log-softmax and gradient), the same in every step and for no use.
         """
-        self.segments.set(batch["row_offsets"])
+        # Gradient routing (ckf_method.md section 3): only text-form rows train the LoRAs; hybrid rows still
+        # back-propagate through them to the soft tokens, so the hybrid loss trains the mapping side only.
+        grad_rows = ~batch["is_hybrid"] if (route_gradients and self.training) else None
+        self.segments.set(batch["row_offsets"], param_grad_rows=grad_rows)
         embeds = self.embed_with_soft_tokens(batch["input_ids"], batch["n_targets"], batch["user_ids"],
                                              batch["history"], batch["targets"], batch["is_hybrid"])
         hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
@@ -154,10 +158,14 @@ class CKFModel(nn.Module):
         n_tok = predicts_answer.sum(1)  # [B]
         row_loss = tok_loss.new_zeros(labels.shape[0]).index_add(0, row, tok_loss) / n_tok.clamp_min(1)
         loss = self.combine_losses(row_loss, batch["task_ids"], batch["is_hybrid"], text_weight, task_weights)
-        # A row's first answer position is its first entry in the row-major selection.
+        # A row's k-th answer position is entry first + k of the row-major selection; k = batch["score_pos"]
+        # (default 0): the answer token where the scored alternatives first differ (scoring.answer_token_ids),
+        # e.g. 1 for a sentencepiece digit "4" -> ["▁", "4"].
         if row.numel():
-            first = (torch.cumsum(n_tok, 0) - n_tok).clamp_max(row.numel() - 1)  # [B] index into the N entries
-            answer_logits = logits.detach()[first] * (n_tok > 0)[:, None]
+            first = torch.cumsum(n_tok, 0) - n_tok  # [B] index of each row's first entry
+            k = batch.get("score_pos")
+            k = torch.zeros_like(n_tok) if k is None else torch.minimum(k.to(n_tok), (n_tok - 1).clamp_min(0))
+            answer_logits = logits.detach()[(first + k).clamp_max(row.numel() - 1)] * (n_tok > 0)[:, None]
         else:
             answer_logits = logits.new_zeros(labels.shape[0], logits.shape[-1])
         return {"loss": loss, "row_loss": row_loss.detach(), "answer_logits": answer_logits}
@@ -186,6 +194,17 @@ class CKFModel(nn.Module):
 
     def trainable_named_parameters(self):
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+
+def build_projector(kind: str, dim: int, hidden: int) -> nn.Module:
+    """CF vector [.., d] -> LLM hidden [.., hidden]. ``linear`` is the spec's projector (d * hidden + hidden
+    parameters); ``mlp`` = Linear(d, hidden) -> GELU -> Linear(hidden, hidden) (+hidden^2: 16.8M parameters per
+    projector at hidden 4096)."""
+    if kind == "linear":
+        return nn.Linear(dim, hidden)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+    raise ValueError(f"cf.projector={kind!r} is not one of ['linear', 'mlp']")
 
 
 def curriculum_text_weight(schedule: str, step: int, total_steps: int) -> float:

@@ -10,7 +10,7 @@ import os
 from typing import Iterable
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AddedToken, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from ckf_dist.config import ModelConfig
 from ckf_dist.data.schema import PLACEHOLDER
@@ -41,7 +41,9 @@ def build_tiny_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTok
 
 def add_placeholder_token(tokenizer):
     """Adds ``<cf>`` as a special token and a pad token when the tokenizer has none (pad = eos then)."""
-    tokenizer.add_special_tokens({"additional_special_tokens": [PLACEHOLDER]})
+    # lstrip: the placeholder absorbs the space before it ("title <cf>" -> [..., "title", "<cf>"]); without it
+    # every placeholder also left a lone space token ("Ġ" / "▁") in the hybrid prompt that no text prompt has.
+    tokenizer.add_special_tokens({"additional_special_tokens": [AddedToken(PLACEHOLDER, lstrip=True, special=True)]})
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -72,11 +74,12 @@ def load_pretrained_tokenizer(cfg: ModelConfig):
     return add_placeholder_token(tok)
 
 
-def build_llm(cfg: ModelConfig, tokenizer, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def build_llm(cfg: ModelConfig, tokenizer, dtype: torch.dtype = torch.float32, s3_config=None) -> torch.nn.Module:
     """The frozen causal LM with its embedding table sized to ``len(tokenizer)``.
 
     The tiny model is seeded with ``cfg.seed`` so that every rank builds identical base weights (ZeRO-3
-    partitions each rank's own copy: different random inits would silently mix).
+    partitions each rank's own copy: different random inits would silently mix); with ``cfg.path`` set it then
+    takes the weights of a pretrained tiny base (``ckf_dist.model.pretrain``; ``s3_config`` for s3:// paths).
     """
     if cfg.source == "tiny":
         t = cfg.tiny
@@ -90,6 +93,10 @@ def build_llm(cfg: ModelConfig, tokenizer, dtype: torch.dtype = torch.float32) -
             torch.manual_seed(cfg.seed)
             model = LlamaForCausalLM(config)
             torch.nn.init.normal_(model.lm_head.weight, std=t.output_init_std)
+        if cfg.path:  # a pretrained tiny base (ckf_dist.model.pretrain), local or s3://
+            from ckf_dist.model.pretrain import load_tiny_weights
+
+            load_tiny_weights(model, cfg.path, s3_config)
         model.to(dtype)
     else:
         kwargs = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}

@@ -29,11 +29,24 @@ class TaskSegments:
     """
 
     row_offsets: Optional[torch.Tensor] = None
+    # [B] bool or None: rows whose loss may train the adapters' parameters (gradient routing; None = all rows).
+    param_grad_rows: Optional[torch.Tensor] = None
     _token_offsets: dict = field(default_factory=dict)
+    _token_grad_rows: dict = field(default_factory=dict)
 
-    def set(self, row_offsets: torch.Tensor) -> None:
+    def set(self, row_offsets: torch.Tensor, param_grad_rows: Optional[torch.Tensor] = None) -> None:
         self.row_offsets = row_offsets
+        self.param_grad_rows = param_grad_rows
         self._token_offsets = {}
+        self._token_grad_rows = {}
+
+    def token_grad_rows(self, seq_len: int) -> Optional[torch.Tensor]:
+        """[B * L] bool over the flattened tokens (cached per sequence length), or None."""
+        if self.param_grad_rows is None:
+            return None
+        if seq_len not in self._token_grad_rows:
+            self._token_grad_rows[seq_len] = self.param_grad_rows.repeat_interleave(seq_len)
+        return self._token_grad_rows[seq_len]
 
     def token_offsets(self, seq_len: int) -> torch.Tensor:
         """[T + 1] offsets over the flattened [B * L] tokens (cached per sequence length)."""
@@ -80,8 +93,10 @@ class MultiLoRALinear(nn.Module):
         seq_len = x.shape[1] if x.dim() == 3 else 1
         offsets = self.segments.token_offsets(seq_len)
         lora_x = self.dropout(flat) if (self.dropout is not None and self.training) else None
+        grad_rows = self.segments.token_grad_rows(seq_len) if torch.is_grad_enabled() else None
         y = multi_lora_linear(flat, self.weight, self.bias, self.shared_a, self.shared_b, self.task_a, self.task_b,
-                              offsets, self.scale, self.scale, lora_x=lora_x, impl=self.impl)
+                              offsets, self.scale, self.scale, lora_x=lora_x, impl=self.impl,
+                              param_grad_rows=grad_rows)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -20,6 +20,7 @@ else:
 import pytest  # noqa: E402
 
 from ckf_dist.kernels import segment_offsets  # noqa: E402
+from ckf_dist.testing import assert_close_finite, max_rel_err, within_tol  # noqa: E402
 
 
 class LoraCase:
@@ -81,15 +82,29 @@ def run_fwd_bwd(fn, case: LoraCase, cast=None, **kwargs):
     return y, {k: (torch.zeros_like(leaves[k]) if gr is None else gr) for k, gr in zip(leaves, grads)}
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max(max |b|, 1e-6) in float64 (0 for empty tensors)."""
-    if a.numel() == 0:
-        return 0.0
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+def grad_rows_mask(n: int, pattern: str, device="cpu") -> torch.Tensor:
+    """[n] bool: "mixed" = a fixed irregular pattern with both values in every case below; "all"/"none"."""
+    if pattern == "all":
+        return torch.ones(n, dtype=torch.bool, device=device)
+    if pattern == "none":
+        return torch.zeros(n, dtype=torch.bool, device=device)
+    return (torch.arange(n, device=device) * 3 + 1) % 5 < 3
+
+
+def per_row_oracle(case):
+    """multi_lora_linear_per_row with the case's per-row task ids, callable like the reference."""
+    from ckf_dist.kernels import multi_lora_linear_per_row
+
+    def per_row(*args, lora_x=None, param_grad_rows=None):
+        args = list(args)
+        args[7] = case.task_ids
+        return multi_lora_linear_per_row(*args, lora_x=lora_x, param_grad_rows=param_grad_rows)
+    return per_row
 
 
 @pytest.fixture
 def kt():
-    """Test helpers (test modules cannot import conftest under --import-mode=importlib)."""
-    return SimpleNamespace(Case=LoraCase, run=run_fwd_bwd, rel_err=rel_err)
+    """Test helpers (test modules cannot import conftest under --import-mode=importlib). ``rel_err`` is
+    ``ckf_dist.testing.max_rel_err`` (inf on any NaN/inf), ``close`` is ``assert_close_finite``."""
+    return SimpleNamespace(Case=LoraCase, run=run_fwd_bwd, rel_err=max_rel_err, within=within_tol,
+                           close=assert_close_finite, grad_rows=grad_rows_mask, per_row=per_row_oracle)

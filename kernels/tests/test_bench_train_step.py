@@ -11,6 +11,7 @@ import ckf_dist.model.multi_lora as multi_lora_module
 from ckf_dist.kernels import bench_train_step as bench
 from ckf_dist.kernels import segment_offsets
 from ckf_dist.model.multi_lora import MultiLoRALinear, TaskSegments
+from ckf_dist.testing import assert_close_finite
 
 
 def _fwd_bwd(layer, x, dy, seed):
@@ -50,14 +51,14 @@ def test_index_loop_layer_matches_torch_impl(monkeypatch, shared, per_task, drop
     y, g = _fwd_bwd(layer, x, dy, seed=7)
     monkeypatch.undo()
 
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert_close_finite(y, y_ref, rtol=1e-5, atol=1e-5, name="y")
     assert g.keys() == g_ref.keys()
     for name in g_ref:
-        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-5, atol=1e-5, msg=f"gradient of {name}")
+        assert_close_finite(g[name], g_ref[name], rtol=1e-5, atol=1e-5, name=f"gradient of {name}")
 
     bench.use_variant(layer, "torch")  # and back: the library layer again
     assert type(layer) is MultiLoRALinear and layer.impl == "torch"
-    torch.testing.assert_close(_fwd_bwd(layer, x, dy, seed=7)[0], y_ref, rtol=0, atol=0)
+    assert_close_finite(_fwd_bwd(layer, x, dy, seed=7)[0], y_ref, rtol=0, atol=0, name="y (back to torch)")
 
 
 def test_synthetic_batch_is_collated_like():
@@ -66,9 +67,11 @@ def test_synthetic_batch_is_collated_like():
     B, L = shape.rows, shape.seq_len
     assert b["input_ids"].shape == b["labels"].shape == (B, L)
     assert torch.all(b["task_ids"][1:] >= b["task_ids"][:-1])
-    torch.testing.assert_close(b["row_offsets"], segment_offsets(b["task_ids"], shape.num_tasks))
+    assert_close_finite(b["row_offsets"], segment_offsets(b["task_ids"], shape.num_tasks), rtol=0, atol=0,
+                        name="row_offsets")
     n_placeholders = (b["input_ids"] == shape.vocab_size).sum(1)
-    torch.testing.assert_close(n_placeholders, torch.where(b["is_hybrid"], b["n_targets"] + 1, 0))
+    assert_close_finite(n_placeholders, torch.where(b["is_hybrid"], b["n_targets"] + 1, 0), rtol=0, atol=0,
+                        name="placeholders per row")
     assert b["is_hybrid"].any() and (~b["is_hybrid"]).any()
     labelled = b["labels"] != bench.IGNORE
     assert labelled[:, -shape.answer_len:].all() and not labelled[:, :-shape.answer_len].any()
