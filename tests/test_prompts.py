@@ -207,3 +207,11 @@ def test_fractional_ratings_are_written_exactly(tmp_path):
                 assert r["prompt_hybrid"].startswith(f"The user {PLACEHOLDER} rated: " + "; ".join(clauses) + ". ")
                 histories += 1
     assert {("3.5", 3.5), ("4", 4.0), ("2.75", 2.75)} <= answers and histories > 0
+
+
+def test_an_unknown_task_is_named_before_any_prompt_is_built():
+    rows = [(str(u), str(i), 4.0, i, None) for u in range(1, 4) for i in range(1, 7)]
+    raw = _raw(rows, items=[str(i) for i in range(1, 20)])
+    cfg = DataConfig(num_candidates=3, tasks=["ctr", "bogus"])
+    with pytest.raises(ValueError, match=r"data.tasks: unknown task 'bogus'; known: \['ctr', 'explanation', "):
+        build_prompts(build_canonical(raw, cfg), cfg, raw.has_ratings, raw.has_reviews, raw.source)

@@ -153,3 +153,10 @@ def test_ckf_scorer_scores_ctr_and_rating_at_the_differing_position(llama, monke
         assert (b["input_ids"][:, 0] == bos).all() and ((b["input_ids"] == bos).sum(1) == 1).all()
         assert "score_pos" in b and b["score_pos"].tolist() == scoring.score_positions(b["task_ids"], ids).tolist()
     assert prompts and all(p[0] == bos and p.count(bos) == 1 for p in prompts)  # greedy decoding prompts
+
+
+def test_score_positions_route_each_task_to_its_own_position():
+    """ctr rows take yes_no_pos, rating-like rows digit_pos, the rest 0 (positions chosen all different)."""
+    ids = {"yes_no_pos": 2, "digit_pos": 1}
+    tasks = torch.tensor([TASK_IDS[t] for t in ("ctr", "topk", "rating", "explanation", "review_rating", "ctr")])
+    assert scoring.score_positions(tasks, ids).tolist() == [2, 0, 1, 0, 1, 2]

@@ -272,6 +272,9 @@ def build_prompts(data: Canonical, cfg: DataConfig, has_ratings: bool, has_revie
         if progress:
             progress(f"[prepare] task {task!r} skipped: {reason}")
     tasks = [t for t in cfg.tasks if t not in skipped]
+    unknown = [t for t in tasks if t not in TASK_IDS]
+    if unknown:
+        raise ValueError(f"data.tasks: unknown task {unknown[0]!r}; known: {sorted(TASK_IDS)}")
     sampler, renderer = NegativeSampler(data), _Renderer(data)
     out = PromptSet(tables={}, counts={}, skipped_tasks=skipped)
     for split in SPLITS:
@@ -279,8 +282,6 @@ def build_prompts(data: Canonical, cfg: DataConfig, has_ratings: bool, has_revie
         rows = np.flatnonzero(data.split == code)
         parts = []
         for task in tasks:
-            if task not in TASK_IDS:
-                raise ValueError(f"data.tasks: unknown task {task!r}; known: {sorted(TASK_IDS)}")
             rng = np.random.default_rng([cfg.seed, code, TASK_IDS[task]])
             if task == "ctr":
                 table = _ctr(data, renderer, sampler, rng, rows, split)
@@ -292,10 +293,8 @@ def build_prompts(data: Canonical, cfg: DataConfig, has_ratings: bool, has_revie
                 table = _rating(data, renderer, rows, split)
             elif task == "explanation":
                 table = _explanation(data, renderer, rows, split, cfg)
-            elif task == "review_rating":
+            else:  # review_rating (TASK_IDS has exactly these five tasks)
                 table = _review_rating(data, renderer, rows, split, cfg)
-            else:  # a task id without a prompt builder
-                raise ValueError(f"data.tasks: no prompt builder for task {task!r}")
             parts.append(table)
         table = pa.concat_tables(parts) if parts else PROMPTS_SCHEMA.empty_table()
         check_placeholders(table)
