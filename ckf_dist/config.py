@@ -28,7 +28,9 @@ class ConfigError(ValueError):
 @dataclass
 class S3Config:
     """Where ``s3://`` paths live. Empty values fall back to the usual AWS environment variables
-    (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION)."""
+    (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_DEFAULT_REGION), and
+    without keys anywhere to the default AWS credential chain (IRSA web identity, profiles, instance roles):
+    ``ckf_dist.data.io``. The two keys go together; temporary credentials come from the environment only."""
 
     endpoint_url: str = ""
     region: str = ""
@@ -104,8 +106,13 @@ class ModelConfig:
     source: str = "tiny"  # tiny | hf (local HF folder) | gguf (a .gguf file or a folder holding one)
     # hf: a local HF folder; gguf: a .gguf file or a folder holding one; tiny: "" = a random base, or the folder
     # of a pretrained tiny base (the driver sets it when model.tiny.pretrain_steps > 0; local or s3://).
+    # hf and gguf also take s3://bucket/prefix (the folder, or the .gguf file): downloaded once per machine into
+    # cache_dir, then loaded from there (ckf_dist.model.llm.local_model_config).
     path: str = ""
     gguf_file: str = ""
+    cache_dir: str = ""  # local cache for s3:// models; "" = $CKF_MODEL_CACHE, else ~/.cache/ckf_dist/models
+    # flash_attention_2 needs the flash-attn package and a CUDA device; without them the loader logs why and
+    # uses sdpa.
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     gradient_checkpointing: bool = False
@@ -268,6 +275,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.raw_path must name the raw files for data.source={cfg.data.source!r}")
     if cfg.data.num_candidates < 2:
         raise ConfigError("data.num_candidates must be >= 2 (1 positive + negatives)")
+    if bool(cfg.data.s3.access_key_id) != bool(cfg.data.s3.secret_access_key):
+        raise ConfigError("data.s3.access_key_id and data.s3.secret_access_key go together: set both or neither "
+                          "(neither = the environment's AWS_* keys or the default AWS credential chain)")
     _choice("model.source", cfg.model.source, {"tiny", "hf", "gguf"})
     if cfg.model.source != "tiny" and not cfg.model.path:
         raise ConfigError(f"model.path must be set for model.source={cfg.model.source!r}")
@@ -355,6 +365,200 @@ def _load_yaml(path: str) -> DictConfig:
     return loaded
 
 
+# ------------------------------------------------------------------------------------------------ CLI help
+# Every entry point (train, data.prepare, cf_refresh, evaluate) takes ``[--config FILE] [key=value ...]`` plus its
+# own options, and ``-h``/``--help`` prints ``cli_help``: the usage, the options and every config key with its
+# default and its doc. The docs are the comments written beside (or right above) each field in this file, read
+# from the source with ``tokenize`` + ``ast``, so the help cannot drift from the definitions.
+
+HELP_FLAGS = ("-h", "--help")
+CONFIG_OPTIONS = (
+    ("--config FILE, -c FILE", "a YAML file with the same tree as below, merged over the defaults"),
+    ("key=value", "set one config key, e.g. training.max_steps=100 (applied after --config; an unknown or "
+                  "mistyped key fails naming it)"),
+)
+
+
+class HelpRequested(Exception):
+    """``-h``/``--help`` was given: the entry point prints its help and exits 0."""
+
+
+def wants_help(argv) -> bool:
+    return any(arg in HELP_FLAGS for arg in argv)
+
+
+def _comments(module) -> tuple[dict[int, str], dict[int, str]]:
+    """(comment ending a code line, comment-only line) of a module's source, by line number."""
+    import inspect
+    import io
+    import tokenize
+
+    trailing: dict[int, str] = {}
+    alone: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(module)).readline):
+        if tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
+            (alone if not tok.line[: tok.start[1]].strip() else trailing)[tok.start[0]] = text
+    return trailing, alone
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The doc of each field of a config dataclass: the comment at the end of its line, else the comment lines
+    right above it (joined), read from the source; "" where it has none (or the source is not available)."""
+    import ast
+    import inspect
+    import sys
+
+    module = sys.modules[cls.__module__]
+    try:
+        trailing, alone = _comments(module)
+        tree = ast.parse(inspect.getsource(module))
+    except (OSError, TypeError, SyntaxError):  # no source shipped: keys and defaults only
+        return {}
+    docs: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.ClassDef) and node.name == cls.__name__):
+            continue
+        for stmt in node.body:
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                doc = next((trailing[r] for r in range(stmt.lineno, stmt.end_lineno + 1) if r in trailing), "")
+                if not doc:
+                    above, row = [], stmt.lineno - 1
+                    while row in alone:
+                        above.insert(0, alone[row])
+                        row -= 1
+                    doc = " ".join(above)
+                docs[stmt.target.id] = doc
+    return docs
+
+
+def _cli_value(value) -> str:
+    """A default as it would be written in key=value."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return value if value else "''"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_cli_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_cli_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def config_keys(obj: Any = None, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(group, key, default, doc) for every leaf key of the config tree, group by group (a nested dataclass such
+    as ``data.s3`` is a group of its own, listed after its parent's keys)."""
+    import dataclasses
+
+    obj = Config() if obj is None else obj
+    docs = field_docs(type(obj))
+    rows, nested = [], []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            nested.append((f.name, value))
+        elif prefix:
+            rows.append((prefix, f.name, _cli_value(value), docs.get(f.name, "")))
+    for name, value in nested:
+        rows += config_keys(value, f"{prefix}.{name}" if prefix else name)
+    return rows
+
+
+def _group_doc(group: str) -> str:
+    import dataclasses
+    import inspect
+
+    obj: Any = Config()
+    for part in group.split("."):
+        obj = getattr(obj, part)
+    doc = inspect.getdoc(type(obj)) or ""
+    if doc.startswith(type(obj).__name__ + "("):  # the dataclass's generated signature, not a docstring
+        return ""
+    return " ".join(doc.split("\n\n")[0].replace("``", "").split()) if dataclasses.is_dataclass(obj) else ""
+
+
+def _wrap(text: str, indent: int, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width=max(width - indent, 30), break_on_hyphens=False) or [""]
+
+
+def config_help(width: Optional[int] = None) -> str:
+    """Every config group and key with its default and doc (the second half of every entry point's --help)."""
+    import shutil
+
+    width = width or min(shutil.get_terminal_size((110, 24)).columns, 120)
+    lines = ["config keys (group.key=default  doc); the defaults are the embedded CPU default run:"]
+    col = 34
+    group = None
+    for grp, key, default, doc in config_keys():
+        if grp != group:
+            group = grp
+            gdoc = _group_doc(grp)
+            lines.append("")
+            lines += _wrap(f"{grp}:" + (f"  {gdoc}" if gdoc else ""), 0, width)
+        head = f"  {grp}.{key}={default}"
+        if not doc:
+            lines.append(head)
+            continue
+        wrapped = _wrap(doc, col + 2, width)
+        if len(head) + 2 <= col:
+            lines.append(head.ljust(col) + "  " + wrapped[0])
+            wrapped = wrapped[1:]
+        else:
+            lines.append(head)
+        lines += [" " * (col + 2) + w for w in wrapped]
+    return "\n".join(lines)
+
+
+def cli_help(prog: str, summary: str, options=(), usage_tail: str = "[--config FILE] [key=value ...]",
+             width: Optional[int] = None) -> str:
+    """The --help text of an entry point: usage, what it does, its options (``(flags, doc)`` pairs, shown
+    before the shared ``--config``/``key=value`` ones) and every config key (``config_help``)."""
+    import shutil
+
+    width = width or min(shutil.get_terminal_size((110, 24)).columns, 120)
+    parts, depth, word = [], 0, ""  # the usage's top-level words and [...] groups, never broken inside
+    for ch in "[-h] " + " ".join(f"[{f.split(', ')[0]}]" for f, _ in options) + " " + usage_tail:
+        depth += (ch == "[") - (ch == "]")
+        if ch == " " and depth == 0:
+            parts, word = parts + [word] if word else parts, ""
+        else:
+            word += ch
+    parts += [word] if word else []
+    out, line = [], f"usage: {prog}"
+    for part in parts:
+        if len(line) + 1 + len(part) > width and line.strip() != f"usage: {prog}":
+            out.append(line)
+            line = " " * (len(prog) + 7)
+        line += " " + part
+    out += [line, ""]
+    out += _wrap(" ".join(summary.split()), 0, width)
+    out += ["", "options:"]
+    for flag, doc in (("-h, --help", "show this help (every config key with its default and doc) and exit"),
+                      *options, *CONFIG_OPTIONS):
+        wrapped = _wrap(doc, 28, width)
+        if len(flag) + 2 <= 26:
+            out.append(f"  {flag}".ljust(28) + wrapped[0])
+            wrapped = wrapped[1:]
+        else:
+            out.append(f"  {flag}")
+        out += [" " * 28 + w for w in wrapped]
+    out += ["", config_help(width)]
+    return "\n".join(out)
+
+
+def show_help(text: str) -> int:
+    """Prints a --help text (quietly when the reader closed the pipe, e.g. ``| head``); returns exit code 0."""
+    import sys
+
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - nothing more can be written to the closed pipe
+    return 0
+
+
 def _explain(exc: OmegaConfBaseException, origin: str) -> ConfigError:
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
     msg = str(exc).splitlines()[0]
@@ -364,12 +568,15 @@ def _explain(exc: OmegaConfBaseException, origin: str) -> ConfigError:
 
 
 def split_args(argv: list[str]) -> tuple[Optional[str], list[str]]:
-    """``[--config FILE] [key=value ...]`` -> (yaml path or None, dotlist overrides)."""
+    """``[--config FILE] [key=value ...]`` -> (yaml path or None, dotlist overrides). ``-h``/``--help`` raises
+    ``HelpRequested`` (the entry points check ``wants_help`` first and print ``cli_help``)."""
     yaml_path = None
     overrides: list[str] = []
     i = 0
     while i < len(argv):
         arg = argv[i]
+        if arg in HELP_FLAGS:
+            raise HelpRequested()
         if arg in ("--config", "-c"):
             if i + 1 >= len(argv):
                 raise ConfigError("--config needs a YAML file path")
@@ -416,6 +623,9 @@ def load_config(argv: Optional[list[str]] = None, base_yaml: Optional[str] = Non
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
         raise _explain(exc, yaml_path or "config") from exc
+    # `ray.use_gpu=true` (CLI) or `use_gpu: true` (YAML) is read as a boolean and stored in the str field as "True"
+    if obj.ray.use_gpu in ("True", "False"):
+        obj.ray.use_gpu = obj.ray.use_gpu.lower()
     return validate(obj)
 
 

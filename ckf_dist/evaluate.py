@@ -490,16 +490,53 @@ def plot_comparison(reports: list[dict], path: str) -> str:
     return path
 
 
-def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m ckf_dist.evaluate", description=__doc__.split("\n")[0])
+SUMMARY = ("Evaluates a CKF checkpoint (or the CF-only baseline) with Ray Data batch inference on eval.split and writes "
+           "a JSON report: CTR AUC/UAUC/log loss, top-K HR/NDCG/MRR over every candidate, rating MAE/RMSE, explanation "
+           "BLEU-4/ROUGE-L, each for all, warm and cold users; --compare charts several reports. The config is the "
+           "adapter's training snapshot, then --config FILE, then key=value (the module docstring has the metrics and "
+           "the ablation switches).")
+
+
+def _option_rows(parser) -> list[tuple[str, str]]:
+    """(flags, doc) of the parser's own options, for ``cli_help``."""
+    rows = []
+    for action in parser._actions:  # argparse keeps no public list of its actions
+        meta = action.metavar or (("{" + ",".join(action.choices) + "}") if action.choices else action.dest.upper())
+        arg = f"{meta} [{meta} ...]" if action.nargs == "+" else meta
+        rows.append((", ".join(action.option_strings) + ("" if action.nargs == 0 else f" {arg}"), action.help or ""))
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``python -m ckf_dist.evaluate``; everything else is ``--config FILE`` / ``key=value``."""
+    parser = argparse.ArgumentParser(prog="python -m ckf_dist.evaluate", add_help=False)
     parser.add_argument("--checkpoint", help="adapter dir, run dir, Ray checkpoint dir (local or s3://)")
     parser.add_argument("--baseline", choices=["none", "cf-only"], help="same as eval.baseline=...")
     parser.add_argument("--out", help="report path (same as eval.out=...)")
     parser.add_argument("--label", help="run name in comparisons (default <run_name>/<form>)")
     parser.add_argument("--compare", nargs="+", default=[], metavar="REPORT", help="other reports to chart")
     parser.add_argument("--chart", help="PNG path of the comparison chart (default: report path with .png)")
-    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return parser
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """(options, the config part of the command line) without evaluating anything; the config part is checked
+    against the defaults (the adapter's snapshot, read at run time, only changes the defaults). Raises
+    ConfigError for a bad key or file, SystemExit (argparse) for a bad option."""
+    args, rest = build_parser().parse_known_args(argv)
+    build_config(None, rest + ([f"eval.baseline={args.baseline}"] if args.baseline else []))
+    return args, rest
+
+
+def main(argv=None) -> int:
+    from ckf_dist.config import cli_help, show_help, wants_help
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if wants_help(argv):
+        return show_help(cli_help("python -m ckf_dist.evaluate", SUMMARY, _option_rows(parser)))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args, rest = parser.parse_known_args(argv)
     try:
         others = [load_report(p) for p in args.compare]
         if args.baseline:

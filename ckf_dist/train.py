@@ -1,10 +1,12 @@
-"""Entry point: ``python -m ckf_dist.train [--config FILE] [key=value ...]``.
+"""Entry point: ``python -m ckf_dist.train [--verbose] [--config FILE] [key=value ...]`` (``--help`` lists every key).
 
 The driver: loads the config, connects to Ray (``ray.address``, ``RAY_ADDRESS``, or a new local Ray), makes sure
 the data set and a CF embedding version exist (preparing/refreshing them when missing), builds the tokeniser
 and the Ray Data pipelines, and runs a ``TorchTrainer`` whose workers run ``ckf_dist.worker``. Re-running
 the same command with the same ``checkpoint.run_name`` resumes from that run's latest checkpoint.
 With no arguments it runs the embedded CPU default: synthetic data, a tiny LLaMA, 2 workers, ZeRO-3.
+The console shows the driver's lines and rank 0's progress (``ckf_dist.console``); the workers' full logs stay
+in Ray's log folder (``--verbose`` forwards them).
 """
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ import logging
 import os
 import sys
 import time
+from typing import Optional
 
-from ckf_dist.config import Config, ConfigError, load_config, resolve_data_path
+from ckf_dist import console
+from ckf_dist.config import Config, ConfigError, cli_help, load_config, resolve_data_path, show_help, wants_help
 from ckf_dist.data import io
 
 log = logging.getLogger("ckf_dist.train")
@@ -24,38 +28,142 @@ CPU_ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLEL
 
 
 def _say(msg: str) -> None:
-    print(f"[ckf_dist] {msg}", flush=True)
+    console.say(f"[ckf_dist] {msg}")
 
 
-def init_ray(cfg: Config) -> bool:
-    """Connects to or starts Ray; returns whether GPUs will be used."""
+# Sub-step lines of the driver's own work (prepare's stages, the quick CF refresh's epochs, the tiny base's
+# pretraining steps): on a terminal they pass over the live line; otherwise only --verbose prints them (the
+# lines that follow them carry the results).
+DETAIL_PREFIXES = ("[prepare] read ", "[prepare] ids + time split", "[prepare] prompts:", "[prepare] write:",
+                   "[cf_refresh] reading ", "[cf_refresh] no previous version", "[cf] epoch ",
+                   "[cf.store] published ", "[pretrain] step ")
+
+
+def progress_printer(verbose: bool):
+    """The progress callback the driver hands to prepare, the CF refresh and the tiny base's pretraining."""
+    def progress(msg: str) -> None:
+        if not verbose and msg.startswith(DETAIL_PREFIXES):
+            console.detail(f"[ckf_dist] {msg}")
+        else:
+            _say(msg)
+    return progress
+
+
+def gpu_plan(use_gpu: str, cluster_gpus: float, num_workers: int, gpus_per_worker: float) -> tuple[bool, Optional[str]]:
+    """(train on GPUs?, the line to print while waiting for them or None).
+
+    ``ray.use_gpu=true`` never refuses a cluster that has fewer GPUs than the workers need (an autoscaling
+    cluster may have none until the GPU workers are requested): Ray's scheduler holds the worker group until
+    the GPUs are there (Ray Train retries the start without a limit) and the driver says what it waits for.
+    ``auto`` trains on GPUs when the cluster has any (and waits for the rest), else on CPUs; ``false`` on CPUs.
+    """
+    need = num_workers * gpus_per_worker
+    use = use_gpu == "true" or (use_gpu == "auto" and cluster_gpus > 0)
+    if use and cluster_gpus < need:
+        return True, f"waiting for {need:g} GPUs: the cluster has {cluster_gpus:g} now (autoscaling)"
+    return use, None
+
+
+class GpuWait:
+    """Repeats the wait line while the workers have not started: when the GPU count changes, else every
+    ``every_s`` seconds (called from the console's pump thread)."""
+
+    def __init__(self, cfg: Config, use_gpu: bool, every_s: float = 60.0, said_for_gpus: Optional[float] = None):
+        self.cfg, self.use_gpu, self.every_s = cfg, use_gpu, every_s
+        self.last_gpus, self.last_t = said_for_gpus, time.monotonic()  # init_ray said it for this count
+
+    def __call__(self, started: bool) -> None:
+        import ray
+
+        if started or not self.use_gpu or time.monotonic() - self.last_t < 5:
+            return
+        gpus = ray.cluster_resources().get("GPU", 0)
+        _, line = gpu_plan("true", gpus, self.cfg.ray.num_workers, self.cfg.ray.gpus_per_worker)
+        if line and (gpus != self.last_gpus or time.monotonic() - self.last_t >= self.every_s):
+            _say(line)
+            self.last_gpus, self.last_t = gpus, time.monotonic()
+
+
+class _NoBarsNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Progress bars disabled")
+
+
+def _quiet_driver(verbose: bool) -> None:
+    """Keeps the driver's own console to its lines: Ray Data's progress bars and INFO lines off on the console
+    (its full log stays in ``<session>/logs/ray-data.log``), no transformers progress bar when saving the tiny
+    base. ``--verbose`` leaves everything as the libraries set it."""
+    if verbose:
+        return
+    from ray.data import DataContext  # importing ray.data also sets up its "ray.data" loggers
+
+    # Datasets copy the current context when they are created, so the training shards' SplitCoordinator (in
+    # Ray's logs) draws no bars either.
+    DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data._internal.progress").addFilter(_NoBarsNotice())  # "Progress bars disabled. To..."
+    for handler in logging.getLogger("ray.data").handlers:
+        if getattr(handler, "name", "") == "console":
+            handler.setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
+def _log_dir() -> str:
+    try:
+        import ray
+
+        return ray._private.worker._global_node.get_logs_dir_path()  # no public API for it in Ray 2.60
+    except Exception:  # noqa: BLE001
+        return "Ray's log folder (<temp dir>/session_latest/logs)"
+
+
+def init_ray(cfg: Config, verbose: bool = False) -> bool:
+    """Connects to or starts Ray; returns whether GPUs will be used. Without ``verbose`` the workers' output is
+    not forwarded to the driver (``log_to_driver=False``): it stays in Ray's log folder."""
     import ray
 
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
-    want_gpu = cfg.ray.use_gpu
+    quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
     if not ray.is_initialized():
         if address:
-            ray.init(address=address, log_to_driver=True)
-            _say(f"connected to Ray at {address}")
+            ray.init(address=address, **{"log_to_driver": True, **quiet})
+            _say(f"connected to Ray at {address}; worker logs: {_log_dir()} on each node"
+                 + ("" if verbose else " (--verbose prints them here)"))
         else:
             import torch
 
             local_gpu = torch.cuda.is_available()
-            env = {} if local_gpu and want_gpu != "false" else dict(CPU_ENV)
+            env = {} if local_gpu and cfg.ray.use_gpu != "false" else dict(CPU_ENV)
             kwargs = {"num_cpus": cfg.ray.local_num_cpus} if cfg.ray.local_num_cpus else {}
+            auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+            level = auth_log.level
+            if not verbose:  # said in our own line below
+                auth_log.setLevel(logging.ERROR)
             # address="local": a new local Ray, never some other cluster that happens to run on this machine.
             # The dashboard (ray[default]) also serves the State API that Ray Train polls; without it Ray
             # prints "State API may be temporarily unavailable" every few seconds.
-            ray.init(address="local", runtime_env={"env_vars": env}, **kwargs)
+            try:
+                context = ray.init(address="local", runtime_env={"env_vars": env}, **kwargs, **quiet)
+            finally:
+                auth_log.setLevel(level)
+            auth = "token auth on" if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else "no auth"
             _say(f"started a local Ray ({ray.cluster_resources().get('CPU', 0):g} CPUs, "
-                 f"{ray.cluster_resources().get('GPU', 0):g} GPUs)")
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if want_gpu == "true" and gpus < cfg.ray.num_workers * cfg.ray.gpus_per_worker:
-        raise ConfigError(f"ray.use_gpu=true but the cluster has {gpus:g} GPUs for {cfg.ray.num_workers} workers")
-    return want_gpu == "true" or (want_gpu == "auto" and gpus > 0)
+                 f"{ray.cluster_resources().get('GPU', 0):g} GPUs; {auth}; dashboard "
+                 f"http://{context.dashboard_url or '-'}); worker logs: {_log_dir()}")
+    use, wait_line = gpu_plan(cfg.ray.use_gpu, ray.cluster_resources().get("GPU", 0), cfg.ray.num_workers,
+                              cfg.ray.gpus_per_worker)
+    if wait_line:
+        _say(wait_line)
+    if not use:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the driver imports DeepSpeed too (no accelerator notice)
+    return use
 
 
-def ensure_data(cfg: Config) -> dict:
+def ensure_data(cfg: Config, progress=_say) -> dict:
     """The prepared data set's manifest; prepares it first when missing and ``data.prepare_if_missing``."""
     from ckf_dist.data.prepare import is_prepared, prepare
 
@@ -64,21 +172,21 @@ def ensure_data(cfg: Config) -> dict:
         if not cfg.data.prepare_if_missing:
             raise FileNotFoundError(f"no prepared data set at {root} and data.prepare_if_missing=false")
         _say(f"no prepared data at {root}: preparing {cfg.data.source} shards")
-        return prepare(cfg)
+        return prepare(cfg, progress=progress)
     from ckf_dist.data.streaming import read_manifest
 
     return read_manifest(cfg)
 
 
-def ensure_embeddings(cfg: Config, data_manifest: dict) -> str:
+def ensure_embeddings(cfg: Config, data_manifest: dict, progress=_say) -> str:
     """The latest CF embedding version trained on this data set; runs one refresh first when the store is
     empty or its latest version was trained on another data set (``ckf_dist.cf_refresh.ensure_embeddings``)."""
     from ckf_dist.cf_refresh import ensure_embeddings as ensure
 
-    return ensure(cfg, data_manifest, progress=_say)
+    return ensure(cfg, data_manifest, progress=progress)
 
 
-def ensure_base_model(cfg: Config, tokenizer, data_manifest: dict) -> Config:
+def ensure_base_model(cfg: Config, tokenizer, data_manifest: dict, progress=_say) -> Config:
     """For the tiny model with ``model.tiny.pretrain_steps > 0`` and no ``model.path``: the config with
     ``model.path`` set to the pretrained tiny base of this data set (``ckf_dist.model.pretrain``; built and
     cached on the first run). Other models are returned unchanged."""
@@ -86,7 +194,7 @@ def ensure_base_model(cfg: Config, tokenizer, data_manifest: dict) -> Config:
         return cfg
     from ckf_dist.model.pretrain import ensure_tiny_base
 
-    path = ensure_tiny_base(cfg, tokenizer, data_manifest, progress=_say)
+    path = ensure_tiny_base(cfg, tokenizer, data_manifest, progress=progress)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=path))
 
 
@@ -98,7 +206,7 @@ def build_tokenizer(cfg: Config):
         return build_tiny_tokenizer(tokenizer_corpus(cfg), cfg.model.tiny.vocab_size)
     from ckf_dist.model.llm import load_pretrained_tokenizer
 
-    return load_pretrained_tokenizer(cfg.model)
+    return load_pretrained_tokenizer(cfg.model, cfg.data.s3)
 
 
 def storage(cfg: Config):
@@ -110,8 +218,19 @@ def storage(cfg: Config):
     return None, os.path.abspath(os.path.expanduser(path))
 
 
-def run(cfg: Config):
-    """Runs (or resumes) training; returns the Ray Train ``Result``."""
+def run(cfg: Config, verbose: bool = False):
+    """Runs (or resumes) training; returns the Ray Train ``Result``. ``verbose``: see ``init_ray``."""
+    out = console.Console()
+    console.activate(out)
+    try:
+        return _run(cfg, verbose, out)
+    finally:
+        out.close()
+        console.activate(None)
+
+
+def _run(cfg: Config, verbose: bool, out: "console.Console"):
+    import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -120,12 +239,14 @@ def run(cfg: Config):
     from ckf_dist.worker import train_loop_per_worker
 
     t0 = time.time()
-    use_gpu = init_ray(cfg)
-    manifest = ensure_data(cfg)
+    progress = progress_printer(verbose)
+    use_gpu = init_ray(cfg, verbose)
+    _quiet_driver(verbose)
+    manifest = ensure_data(cfg, progress)
     _say(f"data: {resolve_data_path(cfg)} ({manifest.get('num_users')} users, {manifest.get('num_items')} items)")
-    ensure_embeddings(cfg, manifest)
+    ensure_embeddings(cfg, manifest, progress)
     tokenizer = build_tokenizer(cfg)
-    cfg = ensure_base_model(cfg, tokenizer, manifest)
+    cfg = ensure_base_model(cfg, tokenizer, manifest, progress)
     datasets = {"train": prompt_dataset(cfg, "train", tokenizer)}
     heldout = heldout_table(cfg, tokenizer) if cfg.training.eval_rows else None
     if heldout is not None:
@@ -135,10 +256,12 @@ def run(cfg: Config):
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.ray.gpus_per_worker
+    # rank 0's progress reaches this console through a sink actor (ckf_dist.console); --verbose: Ray's forwarding
+    sink = None if verbose else ray.remote(num_cpus=0)(console.ConsoleSink).remote()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": dataclasses.asdict(cfg), "tokenizer": tokenizer, "use_gpu": use_gpu,
-                           "data_manifest": manifest, "heldout": heldout},
+                           "data_manifest": manifest, "heldout": heldout, "console": sink},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=cfg.checkpoint.run_name, storage_path=storage_path, storage_filesystem=fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
@@ -147,7 +270,14 @@ def run(cfg: Config):
     )
     _say(f"training run '{cfg.checkpoint.run_name}' -> {cfg.checkpoint.storage_path} "
          f"({cfg.ray.num_workers} workers, ZeRO-{cfg.deepspeed.zero_stage}, {'GPU' if use_gpu else 'CPU'})")
-    result = trainer.fit()
+    wait = GpuWait(cfg, use_gpu, said_for_gpus=ray.cluster_resources().get("GPU", 0))
+    pump = console.SinkPump(sink, out, on_tick=wait).start() if sink is not None else None
+    try:
+        result = trainer.fit()
+    finally:
+        if pump is not None:
+            pump.stop()
+            ray.kill(sink)
     if result.error:
         raise result.error
     if cfg.checkpoint.export_adapter and result.checkpoint is not None:
@@ -231,14 +361,34 @@ def print_summary(report: dict) -> None:
          f"wall time {report.get('wall_seconds', 0):.0f}s")
 
 
+SUMMARY = ("Trains CKF with Multi-LoRA on Ray Train + DeepSpeed ZeRO-3: connects to Ray (ray.address, RAY_ADDRESS) "
+           "or starts a local one, prepares the data set and a CF embedding version when missing, scores the held-out "
+           "rows before and after training, checkpoints to checkpoint.storage_path/checkpoint.run_name (the same "
+           "command resumes), exports the adapter and prints the held-out table. No arguments: the embedded CPU "
+           "default run (synthetic data, tiny LLaMA, 2 workers).")
+OPTIONS = (("--verbose", "print every line the workers, Ray Train, Ray Data and DeepSpeed write (by default they stay "
+                         "in Ray's log folder, and the console shows the driver's lines and rank 0's progress)"),)
+
+
+def parse_args(argv: list[str]) -> tuple[Config, bool]:
+    """(config, verbose) from the command line, without running anything (tests/test_readme_commands.py parses
+    the README's commands with it). Raises ConfigError naming the bad key, file or value."""
+    args = list(argv)
+    verbose = "--verbose" in args
+    return load_config([a for a in args if a != "--verbose"]), verbose
+
+
 def main(argv=None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(args):
+        return show_help(cli_help("python -m ckf_dist.train", SUMMARY, OPTIONS))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(sys.argv[1:] if argv is None else argv)
+        cfg, verbose = parse_args(args)
     except ConfigError as exc:
         print(f"ckf_dist.train: config error: {exc}", file=sys.stderr)
         return 2
-    run(cfg)
+    run(cfg, verbose=verbose)
     return 0
 
 

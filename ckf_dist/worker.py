@@ -8,15 +8,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import tempfile
 import time
+import warnings
 from typing import Optional
 
 import torch
 
 from ckf_dist.config import Config, from_dict, resolve_embeddings_path
-from ckf_dist.data.collate import collate_prompts, to_device
+from ckf_dist.console import WorkerProgress, eta_seconds, format_duration
+from ckf_dist.data.collate import prompt_collate_fn, to_device
 from ckf_dist.data.schema import PLACEHOLDER, TASK_IDS
 from ckf_dist import scoring
 
@@ -170,7 +171,7 @@ def rank_rows(table, rank: int, world: int) -> dict:
 
 def _batches(shard, cfg: Config, pad_id: int, start_epoch: int, skip: int, rank: int):
     """Endless (epoch, index in epoch, batch) over the shard; reshuffled locally each epoch."""
-    collate = lambda b: collate_prompts(b, pad_id, len(TASK_IDS))  # noqa: E731
+    collate = prompt_collate_fn(pad_id, len(TASK_IDS))
     epoch = start_epoch
     while True:
         n = 0
@@ -195,13 +196,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from ckf_dist.cf_pickup import CFVersionFollower, table_checksum
     from ckf_dist.checkpoint import export_adapter
 
+    _quiet_worker_warnings()
     cfg: Config = from_dict(loop_config["config"])
     tokenizer = loop_config["tokenizer"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = torch.cuda.is_available() and loop_config["use_gpu"]
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
-    log = _rank0_log if rank == 0 else (lambda msg: None)
+    # rank 0's lines: its stdout (Ray's log folder) and, through the driver's sink, the driver's console
+    progress = WorkerProgress(loop_config.get("console")) if rank == 0 else None
+    log = progress.line if progress is not None else (lambda msg: None)
 
     # ---- resume state
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "cf_version": None, "train_seconds": 0.0}
@@ -252,7 +256,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     task_w = _task_weights(cfg).to(device)
     route = cfg.training.gradient_routing == "spec"
     step = state["step"]
-    tokens, seconds_start = 0, clock.seconds
+    tokens, seconds_start, step_start = 0, clock.seconds, step
     running: dict[str, list[float]] = {}
     batches = _batches(ray.train.get_dataset_shard("train"), cfg, pad_id, state["epoch"], state["batch_in_epoch"], rank)
     if clock.budget_s > 0:
@@ -280,12 +284,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
         clock.seconds += time.perf_counter() - t_step
         clock.sync(device)
         finished = clock.done(step)
-        if step % cfg.training.log_every == 0 or finished:
+        log_now = step % cfg.training.log_every == 0 or finished
+        if progress is not None and (log_now or progress.due(step, total)):
             rate = tokens * world / max(clock.seconds - seconds_start, 1e-9)
-            lrs = "/".join(f"{lr:.2e}" for lr in scheduler.get_last_lr())
-            log(f"step {step}/{total} ({clock.seconds:.0f}s) loss {out['loss'].item():.4f} lambda {lam:.3f} "
-                f"lr {lrs} {rate:,.0f} tok/s | "
-                + " ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in sorted(running.items())))
+            eta = eta_seconds(step, total, clock.seconds, step_start, seconds_start, clock.budget_s)
+            loss = out["loss"].item()
+            text = None
+            if log_now:
+                lrs = "/".join(f"{lr:.2e}" for lr in scheduler.get_last_lr())
+                text = (f"step {step}/{total} ({clock.seconds:.0f}s) loss {loss:.4f} lambda {lam:.3f} "
+                        f"lr {lrs} {rate:,.0f} tok/s ETA {format_duration(eta)} | "
+                        + " ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in sorted(running.items())))
+            progress.step(step, total, loss, rate, eta, text)
+        if log_now:
             running.clear()
         state.update(step=step, epoch=epoch, batch_in_epoch=index + 1, cf_version=cf_version,
                      train_seconds=clock.seconds)
@@ -358,12 +369,11 @@ def flatten_heldout(heldout: dict) -> dict[str, float]:
     return out
 
 
-def _rank0_log(msg: str) -> None:
-    """One progress line on the worker's stdout (forwarded to the driver once). Not ``print``: Ray Train V2
-    patches it in workers to both echo the line and log it through the root logger, so each line reached
-    the driver twice."""
-    sys.stdout.write(f"[rank 0] {msg}\n")
-    sys.stdout.flush()
+def _quiet_worker_warnings() -> None:
+    """DeepSpeed's ZeRO-3 calls torch's deprecated collective names (a FutureWarning per call site and rank);
+    nothing here can act on them. Everything else still reaches the worker's log."""
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
 
 
 def _curriculum(cfg: Config, step: float) -> float:

@@ -77,6 +77,20 @@ def collate_prompts(batch: Mapping[str, np.ndarray], pad_id: int, num_tasks: int
     }
 
 
+def prompt_collate_fn(pad_id: int, num_tasks: int, forms: Sequence[str] = FORMS):
+    """``collate_prompts`` as the collate object ``Dataset.iter_torch_batches(collate_fn=...)`` takes: Ray Data
+    >= 2.47 wants a callable class deriving from ``NumpyBatchCollateFn`` (numpy column batches in, our tensor
+    dict out; a plain function is deprecated and warned about on every epoch). Ray is imported here, not at
+    module import, so that the collate function itself stays usable without Ray Data."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class PromptCollate(NumpyBatchCollateFn):
+        def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+            return collate_prompts(batch, pad_id, num_tasks, forms)
+
+    return PromptCollate()
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     """Moves every tensor; row_offsets too (kernels read them on device, the CPU reference syncs)."""
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}

@@ -1,17 +1,37 @@
 """Filesystems for local folders and ``s3://`` URIs, shared by every job (prepare, training, CF refresh).
 
-An explicit ``pyarrow.fs.S3FileSystem`` is built with the endpoint and credentials from the config or the
-environment: Arrow does not reliably honour endpoint environment variables by itself.
+An explicit ``pyarrow.fs.S3FileSystem`` is built with the endpoint from the config or the environment: Arrow
+does not reliably honour endpoint environment variables by itself. Credentials, first match wins:
+
+1. ``data.s3.access_key_id`` + ``data.s3.secret_access_key`` (static keys in the config; never written out);
+2. ``AWS_ACCESS_KEY_ID`` + ``AWS_SECRET_ACCESS_KEY`` (+ ``AWS_SESSION_TOKEN`` for temporary STS credentials)
+   from the environment, passed explicitly so that the filesystem object carries them to Ray workers;
+3. neither: Arrow's default AWS credential chain, resolved in every process that uses the filesystem
+   (web identity = IRSA / EKS Pod Identity, ``AWS_PROFILE`` and ``~/.aws``, ECS and EC2 instance roles).
+
+A session token is only ever taken from the environment, together with the environment's keys: temporary
+credentials expire within hours and have no place in a config file.
 """
 from __future__ import annotations
 
+import fcntl
+import glob
+import hashlib
 import json
+import logging
 import os
-from typing import Optional
+import re
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional
 
 import pyarrow.fs as pafs
 
 from ckf_dist.config import S3Config
+
+log = logging.getLogger(__name__)
 
 
 def is_s3(path: str) -> bool:
@@ -19,13 +39,22 @@ def is_s3(path: str) -> bool:
 
 
 def s3_options(s3: Optional[S3Config] = None) -> dict:
-    """Endpoint/credentials: config values first, then the standard AWS environment variables."""
+    """Endpoint, region and credentials (see the module docstring for the order). ``access_key_id`` = "" means
+    Arrow's default credential chain."""
     s3 = s3 or S3Config()
+    if s3.access_key_id:
+        keys = (s3.access_key_id, s3.secret_access_key, "")
+    elif os.environ.get("AWS_ACCESS_KEY_ID"):
+        keys = (os.environ["AWS_ACCESS_KEY_ID"], os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
+                os.environ.get("AWS_SESSION_TOKEN", ""))
+    else:
+        keys = ("", "", "")
     return {
         "endpoint_url": s3.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", ""),
         "region": s3.region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION", "us-east-1"),
-        "access_key_id": s3.access_key_id or os.environ.get("AWS_ACCESS_KEY_ID", ""),
-        "secret_access_key": s3.secret_access_key or os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
+        "access_key_id": keys[0],
+        "secret_access_key": keys[1],
+        "session_token": keys[2],
     }
 
 
@@ -42,8 +71,99 @@ def get_filesystem(path: str, s3: Optional[S3Config] = None) -> tuple[pafs.FileS
         if opts["access_key_id"]:
             kwargs["access_key"] = opts["access_key_id"]
             kwargs["secret_key"] = opts["secret_access_key"]
+            if opts["session_token"]:
+                kwargs["session_token"] = opts["session_token"]
         return pafs.S3FileSystem(**kwargs), path[len("s3://"):].rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+# --------------------------------------------------------------------------- node-local cache of remote files
+CACHE_MARKER = ".ckf_cache_complete.json"  # written last into a copy, before it is renamed into place
+
+
+def _cache_name(uri: str, files: list[tuple[str, int, int]]) -> str:
+    """``<last path part>-<16 hex>``: the digest covers the URI and every selected file's name, size and
+    modification time, so a changed remote folder (or another selection of it) gets a new entry."""
+    digest = hashlib.sha256(json.dumps([uri.rstrip("/"), files]).encode("utf-8")).hexdigest()[:16]
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", uri.rstrip("/").rsplit("/", 1)[-1]) or "root"
+    return f"{base}-{digest}"
+
+
+def _copy_file(fs: pafs.FileSystem, src: str, dest: str, size: int) -> None:
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    with fs.open_input_stream(src, compression=None) as fin, open(dest, "wb") as fout:
+        while True:
+            chunk = fin.read(8 << 20)
+            if not chunk:
+                break
+            fout.write(chunk)
+    got = os.path.getsize(dest)
+    if got != size:
+        raise OSError(f"incomplete download of {src}: {got} of {size} bytes")
+
+
+def cached_copy(uri: str, cache_root: str, s3: Optional[S3Config] = None,
+                select: Optional[Callable[[list[str]], list[str]]] = None, threads: int = 8) -> str:
+    """A local copy of the file or folder ``uri`` (``s3://...``) under ``cache_root``, made once per machine.
+
+    Returns the local folder that holds the selected files under their paths relative to ``uri`` (for a file
+    ``uri``: the folder holding that one file). ``select`` picks which of the relative paths to copy (default:
+    all). The remote listing is read on every call (one LIST) and named in the entry (``_cache_name``).
+
+    Safe for concurrent callers on one machine (the ranks of a node share ``cache_root``): an exclusive
+    ``flock`` on ``<entry>.lock`` lets one process download while the others wait and then reuse its copy.
+    The download goes to a temporary folder beside the entry and is renamed into place only when every file
+    is complete (size checked), so a reader never sees a partial copy; a download that fails or is killed
+    leaves no entry (its temporary folder is removed then, or by the next downloader of that entry).
+    """
+    fs, root = get_filesystem(uri, s3)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        root, only = root.rsplit("/", 1)[0], info.path.rsplit("/", 1)[-1]
+        infos = {only: info}
+    elif info.type == pafs.FileType.Directory:
+        found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        infos = {f.path[len(root) + 1:]: f for f in found if f.type == pafs.FileType.File}
+    else:
+        raise FileNotFoundError(f"{uri}: no such file or folder")
+    names = sorted(infos)
+    if select is not None:
+        names = sorted(select(names))
+    if not names:
+        raise FileNotFoundError(f"{uri}: nothing to copy (no file selected out of {len(infos)})")
+    files = [(n, int(infos[n].size or 0), int(infos[n].mtime_ns or 0)) for n in names]
+    name = _cache_name(uri, files)
+    cache_root = os.path.abspath(os.path.expanduser(cache_root))
+    final = os.path.join(cache_root, name)
+    if os.path.isfile(os.path.join(final, CACHE_MARKER)):
+        return final
+    os.makedirs(cache_root, exist_ok=True)
+    with open(final + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed, also if this process dies
+        if os.path.isfile(os.path.join(final, CACHE_MARKER)):
+            return final  # another process finished it while this one waited
+        for stale in glob.glob(glob.escape(final) + ".tmp-*"):  # left by a killed downloader
+            shutil.rmtree(stale, ignore_errors=True)
+        total = sum(size for _, size, _ in files)
+        log.info("downloading %s (%d files, %.1f MB) to %s", uri, len(files), total / 1e6, final)
+        t0 = time.time()
+        tmp = tempfile.mkdtemp(prefix=name + ".tmp-", dir=cache_root)
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, min(threads, len(files)))) as pool:
+                jobs = [pool.submit(_copy_file, fs, f"{root}/{rel}", os.path.join(tmp, rel), size)
+                        for rel, size, _ in files]
+                for job in jobs:
+                    job.result()
+            with open(os.path.join(tmp, CACHE_MARKER), "w") as f:
+                json.dump({"uri": uri, "files": files}, f)
+            if os.path.isdir(final):  # an entry without its marker: not ours to trust
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("downloaded %s in %.1f s", uri, time.time() - t0)
+    return final
 
 
 def join(root: str, *parts: str) -> str:

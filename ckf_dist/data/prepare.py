@@ -165,13 +165,27 @@ def prepare(cfg: Config, out_path: Optional[str] = None, force: bool = False,
     return manifest
 
 
+SUMMARY = ("Prepares a data set: reads data.source (synthetic, MovieLens, Amazon reviews, RecBole, generic CSV/parquet "
+           "from data.raw_path), splits each user's interactions by time, builds the prompt rows of every task in "
+           "text-only and hybrid form, and writes parquet shards plus _manifest.json (last) to data.path (a local "
+           "folder or s3://). A complete data set is left alone unless --force.")
+OPTIONS = (("--force", "prepare again even when data.path already holds a complete data set"),)
+
+
+def parse_args(argv: list[str]) -> tuple[Config, bool]:
+    """(config, force) from the command line, without preparing anything. Raises ConfigError."""
+    return load_config([a for a in argv if a != "--force"]), "--force" in argv
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """CLI entry point (``ckf-prepare`` / ``python -m ckf_dist.data.prepare``)."""
+    from ckf_dist.config import cli_help, show_help, wants_help
+
     args = list(sys.argv[1:] if argv is None else argv)
-    force = "--force" in args
-    args = [a for a in args if a != "--force"]
+    if wants_help(args):
+        return show_help(cli_help("python -m ckf_dist.data.prepare", SUMMARY, OPTIONS))
     try:
-        cfg = load_config(args)
+        cfg, force = parse_args(args)
         prepare(cfg, force=force)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,10 +1,17 @@
-"""Builds the frozen causal LM and its tokenizer: a random-init tiny LLaMA, a local HF folder, or a GGUF file.
+"""Builds the frozen causal LM and its tokenizer: a random-init tiny LLaMA, an HF folder, or a GGUF file.
 
 The tokenizer always gets the dedicated placeholder token ``<cf>`` (added as a special token so text can never
 produce it by accident); the LM's embedding table is resized to match. Every base weight is frozen.
+
+``model.path`` may be ``s3://bucket/prefix`` for ``hf`` (the folder) and ``gguf`` (the .gguf file, or a folder
+holding it): ``local_model_config`` downloads it once per machine into ``model.cache_dir`` (a node-local cache
+shared by the ranks of a node; ``ckf_dist.data.io.cached_copy``: atomic, one downloader under a file lock) and
+points ``model.path`` at the copy. The tokenizer alone (the Ray driver) downloads only the non-weight files.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import logging
 import os
 from typing import Iterable
@@ -49,6 +56,71 @@ def add_placeholder_token(tokenizer):
     return tokenizer
 
 
+# Files that hold weights (in some framework's format); everything else in an HF folder is config/tokenizer.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".ot")
+_warned: set = set()
+
+
+def model_cache_dir(cfg: ModelConfig) -> str:
+    """Where ``s3://`` models are cached on this machine: ``model.cache_dir``, else ``$CKF_MODEL_CACHE``, else
+    ``~/.cache/ckf_dist/models``."""
+    return os.path.expanduser(cfg.cache_dir or os.environ.get("CKF_MODEL_CACHE") or "~/.cache/ckf_dist/models")
+
+
+def hf_files_to_fetch(names: list[str], tokenizer_only: bool = False) -> list[str]:
+    """The files of a remote HF folder worth downloading: never ``original/`` (Meta's raw checkpoints); only
+    the safetensors weights when the folder has them (not the .bin/.pth duplicates); no weights at all for
+    the tokenizer alone."""
+    names = [n for n in names if not n.startswith("original/")]
+    if tokenizer_only:
+        return [n for n in names if not n.endswith(WEIGHT_SUFFIXES)]
+    if any(n.endswith(".safetensors") for n in names):
+        return [n for n in names if n.endswith(".safetensors") or not n.endswith(WEIGHT_SUFFIXES)]
+    return [n for n in names if not n.endswith(".gguf")]
+
+
+def local_model_config(cfg: ModelConfig, s3_config=None, tokenizer_only: bool = False) -> ModelConfig:
+    """``cfg`` with ``model.path`` on this machine: an ``s3://`` path is replaced by its cached local copy
+    (downloaded first if this machine has none); anything else is returned unchanged."""
+    from ckf_dist.data import io
+
+    if cfg.source == "tiny" or not io.is_s3(cfg.path):
+        return cfg
+    cache = model_cache_dir(cfg)
+    if cfg.source == "gguf":
+        if cfg.path.endswith(".gguf"):
+            folder = io.cached_copy(cfg.path, cache, s3_config)
+            return dataclasses.replace(cfg, path=os.path.join(folder, cfg.path.rstrip("/").rsplit("/", 1)[-1]))
+
+        def one_gguf(names: list[str]) -> list[str]:
+            want = cfg.gguf_file or next((n for n in names if n.endswith(".gguf")), "")
+            if want not in names:
+                raise FileNotFoundError(f"model.path={cfg.path!r}: no {want or '.gguf file'} there "
+                                        f"(files: {names[:10]}); set model.gguf_file")
+            return [want]
+
+        return dataclasses.replace(cfg, path=io.cached_copy(cfg.path, cache, s3_config, select=one_gguf))
+    folder = io.cached_copy(cfg.path, cache, s3_config, select=lambda names: hf_files_to_fetch(names, tokenizer_only))
+    return dataclasses.replace(cfg, path=folder)
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    """``requested``, except ``flash_attention_2`` where it cannot run (no flash-attn package, no CUDA device):
+    then ``sdpa``, with the reason logged once per process."""
+    if requested != "flash_attention_2":
+        return requested
+    if importlib.util.find_spec("flash_attn") is None:
+        reason = "the flash-attn package is not installed (the [gpu] extra; cluster/Dockerfile builds it)"
+    elif not torch.cuda.is_available():
+        reason = "no CUDA device is visible"
+    else:
+        return requested
+    if reason not in _warned:
+        _warned.add(reason)
+        log.warning("model.attn_implementation=flash_attention_2 but %s: using sdpa instead", reason)
+    return "sdpa"
+
+
 def _gguf_location(cfg: ModelConfig) -> tuple[str, str]:
     """(folder, gguf file name) from model.path (a .gguf file or a folder) and model.gguf_file."""
     path = os.path.expanduser(cfg.path)
@@ -62,8 +134,10 @@ def _gguf_location(cfg: ModelConfig) -> tuple[str, str]:
     return path, found[0]
 
 
-def load_pretrained_tokenizer(cfg: ModelConfig):
-    """Tokenizer of an HF folder or GGUF file, with ``<cf>`` added."""
+def load_pretrained_tokenizer(cfg: ModelConfig, s3_config=None):
+    """Tokenizer of an HF folder or GGUF file (local or ``s3://``; ``s3_config`` = ``data.s3``), with ``<cf>``
+    added. From S3 only the tokenizer's files of an HF folder are downloaded (no weights)."""
+    cfg = local_model_config(cfg, s3_config, tokenizer_only=True)
     if cfg.source == "gguf":
         folder, name = _gguf_location(cfg)
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -80,6 +154,7 @@ def build_llm(cfg: ModelConfig, tokenizer, dtype: torch.dtype = torch.float32, s
     The tiny model is seeded with ``cfg.seed`` so that every rank builds identical base weights (ZeRO-3
     partitions each rank's own copy: different random inits would silently mix); with ``cfg.path`` set it then
     takes the weights of a pretrained tiny base (``ckf_dist.model.pretrain``; ``s3_config`` for s3:// paths).
+    An ``s3://`` HF folder or GGUF file is downloaded once per machine first (``local_model_config``).
     """
     if cfg.source == "tiny":
         t = cfg.tiny
@@ -88,7 +163,7 @@ def build_llm(cfg: ModelConfig, tokenizer, dtype: torch.dtype = torch.float32, s
                              num_key_value_heads=t.num_kv_heads, max_position_embeddings=2048,
                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
-        config._attn_implementation = cfg.attn_implementation
+        config._attn_implementation = resolve_attn_implementation(cfg.attn_implementation)
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
             model = LlamaForCausalLM(config)
@@ -99,7 +174,8 @@ def build_llm(cfg: ModelConfig, tokenizer, dtype: torch.dtype = torch.float32, s
             load_tiny_weights(model, cfg.path, s3_config)
         model.to(dtype)
     else:
-        kwargs = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
+        cfg = local_model_config(cfg, s3_config)
+        kwargs = {"dtype": dtype, "attn_implementation": resolve_attn_implementation(cfg.attn_implementation)}
         if cfg.source == "gguf":
             folder, name = _gguf_location(cfg)
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **kwargs)
