@@ -168,6 +168,20 @@ def test_packed_loss_and_gradients_equal_the_padded_ones(tokenizer, attn, route)
     assert any(g.abs().sum() > 0 for n, g in got_g.items() if "task_a" in n)
 
 
+def test_packed_equals_padded_with_gradient_checkpointing(tokenizer):
+    """Reentrant checkpointing, as the 7B config runs: the recomputed layers get the same position ids."""
+    model = _model(tokenizer).train()
+    ph = tokenizer.convert_tokens_to_ids("<cf>")
+    padded = collate_prompts(_samples(ph), PAD, N_TASKS)
+    want, want_g = _run(model, padded, text_weight=0.3)
+    model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.llm.enable_input_require_grads()
+    got, got_g = _run(model, pack_batch(padded, 64, PAD, N_TASKS), text_weight=0.3)
+    torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-5, atol=1e-6)
+    for name in want_g:
+        torch.testing.assert_close(got_g[name], want_g[name], rtol=1e-5, atol=1e-6)
+
+
 def test_attention_across_samples_would_change_the_loss(tokenizer):
     """The check above can fail: with positions running on through a packed row (one long sequence, so
     samples attend to the samples before them), the per-sample losses differ from the padded ones."""
