@@ -111,9 +111,9 @@ class ModelConfig:
     path: str = ""
     gguf_file: str = ""
     cache_dir: str = ""  # local cache for s3:// models; "" = $CKF_MODEL_CACHE, else ~/.cache/ckf_dist/models
-    # flash_attention_2 needs the flash-attn package and a CUDA device; without them the loader logs why and
-    # uses sdpa.
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    # flash_attention_2 needs the flash-attn package and a CUDA device, flex_attention (torch's FlexAttention) a
+    # CUDA device (it has no backward on CPU); without them the loader logs why and uses sdpa.
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 | flex_attention
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -184,6 +184,10 @@ class TrainingConfig:
     eval_rows: int = 1000
     eval_splits: list[str] = field(default_factory=lambda: ["valid", "test"])
     shuffle_buffer: int = 512
+    # Each step's samples concatenated into rows of at most pack_tokens tokens instead of one padded row each
+    # (ckf_dist.data.packing; one task per row, attention never crosses a sample; README "Throughput").
+    packing: bool = False
+    pack_tokens: int = 0  # tokens per packed row, >= data.max_seq_len; 0 = data.max_seq_len
     seed: int = 0
 
 
@@ -281,7 +285,8 @@ def validate(cfg: Config) -> Config:
     _choice("model.source", cfg.model.source, {"tiny", "hf", "gguf"})
     if cfg.model.source != "tiny" and not cfg.model.path:
         raise ConfigError(f"model.path must be set for model.source={cfg.model.source!r}")
-    _choice("model.attn_implementation", cfg.model.attn_implementation, {"sdpa", "eager", "flash_attention_2"})
+    _choice("model.attn_implementation", cfg.model.attn_implementation,
+            {"sdpa", "eager", "flash_attention_2", "flex_attention"})
     _choice("cf.model", cfg.cf.model, {"mf", "lightgcn"})
     _choice("cf.pooling", cfg.cf.pooling, {"mean", "attention"})
     _choice("cf.meta_activation", cfg.cf.meta_activation, {"none", "relu"})
@@ -326,6 +331,11 @@ def validate(cfg: Config) -> Config:
     for key in ("max_steps", "batch_size"):
         if getattr(cfg.training, key) < 1:
             raise ConfigError(f"training.{key} must be >= 1")
+    if cfg.training.pack_tokens < 0:
+        raise ConfigError(f"training.pack_tokens={cfg.training.pack_tokens} must be >= 0 (0 = data.max_seq_len)")
+    if cfg.training.packing and 0 < cfg.training.pack_tokens < cfg.data.max_seq_len:
+        raise ConfigError(f"training.pack_tokens={cfg.training.pack_tokens} is below data.max_seq_len="
+                          f"{cfg.data.max_seq_len}: a sample is never split, so every sample must fit one packed row")
     if cfg.training.max_minutes < 0:
         raise ConfigError(f"training.max_minutes={cfg.training.max_minutes} must be >= 0 (0 = no time limit)")
     _choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, {0, 1, 2, 3})
@@ -637,6 +647,13 @@ def from_dict(data: dict) -> Config:
     """Rebuilds a Config from ``dataclasses.asdict`` output (how it travels to Ray workers)."""
     cfg = OmegaConf.merge(OmegaConf.structured(Config), data)
     return validate(OmegaConf.to_object(cfg))
+
+
+def pack_tokens(cfg: Config) -> int:
+    """Tokens per packed row of a training step, 0 = no packing (``training.packing`` off)."""
+    if not cfg.training.packing:
+        return 0
+    return cfg.training.pack_tokens or cfg.data.max_seq_len
 
 
 def resolve_data_path(cfg: Config) -> str:

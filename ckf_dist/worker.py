@@ -15,9 +15,10 @@ from typing import Optional
 
 import torch
 
-from ckf_dist.config import Config, from_dict, resolve_embeddings_path
+from ckf_dist.config import Config, from_dict, pack_tokens, resolve_embeddings_path
 from ckf_dist.console import WorkerProgress, eta_seconds, format_duration
 from ckf_dist.data.collate import prompt_collate_fn, to_device
+from ckf_dist.data.packing import token_counts
 from ckf_dist.data.schema import PLACEHOLDER, TASK_IDS
 from ckf_dist import scoring
 
@@ -170,8 +171,9 @@ def rank_rows(table, rank: int, world: int) -> dict:
 
 
 def _batches(shard, cfg: Config, pad_id: int, start_epoch: int, skip: int, rank: int):
-    """Endless (epoch, index in epoch, batch) over the shard; reshuffled locally each epoch."""
-    collate = prompt_collate_fn(pad_id, len(TASK_IDS))
+    """Endless (epoch, index in epoch, batch) over the shard; reshuffled locally each epoch. Batches are padded,
+    or packed with ``training.packing`` (same samples per step either way, so data positions do not change)."""
+    collate = prompt_collate_fn(pad_id, len(TASK_IDS), pack_tokens=pack_tokens(cfg))
     epoch = start_epoch
     while True:
         n = 0
@@ -256,9 +258,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     task_w = _task_weights(cfg).to(device)
     route = cfg.training.gradient_routing == "spec"
     step = state["step"]
-    tokens, seconds_start, step_start = 0, clock.seconds, step
+    tokens, computed, seconds_start, step_start = 0, 0, clock.seconds, step
     running: dict[str, list[float]] = {}
     batches = _batches(ray.train.get_dataset_shard("train"), cfg, pad_id, state["epoch"], state["batch_in_epoch"], rank)
+    layout = f"packed, rows <= {pack_tokens(cfg)} tokens" if cfg.training.packing else "padded"
     if clock.budget_s > 0:
         log(f"time budget {cfg.training.max_minutes:g} min of training steps ({clock.seconds:.0f}s used before)")
     while not clock.done(step):
@@ -279,7 +282,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         engine.backward(out["loss"])
         engine.step()
         step += 1
-        tokens += int(batch["attention_mask"].sum())
+        real, padded = token_counts(batch)  # real tokens; tokens computed on (incl. padding)
+        tokens += real
+        computed += padded
         _accumulate(running, out["row_loss"], batch)
         clock.seconds += time.perf_counter() - t_step
         clock.sync(device)
@@ -293,7 +298,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if log_now:
                 lrs = "/".join(f"{lr:.2e}" for lr in scheduler.get_last_lr())
                 text = (f"step {step}/{total} ({clock.seconds:.0f}s) loss {loss:.4f} lambda {lam:.3f} "
-                        f"lr {lrs} {rate:,.0f} tok/s ETA {format_duration(eta)} | "
+                        f"lr {lrs} tokens/step/rank {tokens / max(step - step_start, 1):,.0f} real "
+                        f"{computed / max(step - step_start, 1):,.0f} with padding ({layout}) "
+                        f"{rate:,.0f} tok/s ETA {format_duration(eta)} | "
                         + " ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in sorted(running.items())))
             progress.step(step, total, loss, rate, eta, text)
         if log_now:

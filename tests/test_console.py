@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 
@@ -128,10 +129,12 @@ def test_collate_object_is_ray_datas_collate_class():
 
 
 @pytest.mark.integration
-def test_a_short_run_prints_a_short_console(tmp_path):
+@pytest.mark.parametrize("packing", [False, True])
+def test_a_short_run_prints_a_short_console(tmp_path, packing):
     """A 6-step run in a fresh HOME: before, 367 lines for 2 steps (Ray Data progress blocks, Ray Train controller
     lines, RayDeprecationWarning / FutureWarning from every worker, DeepSpeed's build lines, the auth notices);
-    now the driver's lines, rank 0's lines and the held-out table."""
+    now the driver's lines, rank 0's lines and the held-out table. Run padded and packed (training.packing):
+    the step lines give the tokens per step, real and with padding."""
     home = tmp_path / "home"
     home.mkdir()
     env = dict(os.environ, HOME=str(home), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -141,7 +144,8 @@ def test_a_short_run_prints_a_short_console(tmp_path):
         env["TORCH_EXTENSIONS_DIR"] = cache
     args = ["training.max_steps=6", "training.log_every=2", "data.num_users=40", "data.num_items=30",
             "data.interactions_per_user=10", "model.tiny.pretrain_steps=5", "training.eval_rows=8",
-            "training.batch_size=4", f"data.path={tmp_path}/data", f"checkpoint.storage_path={tmp_path}/runs"]
+            "training.batch_size=4", f"data.path={tmp_path}/data", f"checkpoint.storage_path={tmp_path}/runs",
+            f"training.packing={str(packing).lower()}"]
     proc = subprocess.run([sys.executable, "-m", "ckf_dist.train", *args], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=900)
     out = proc.stdout + proc.stderr
@@ -151,6 +155,12 @@ def test_a_short_run_prints_a_short_console(tmp_path):
     assert [ln.split(" (")[0] for ln in lines if ln.startswith("[rank 0] step ")] == \
         ["[rank 0] step 2/6", "[rank 0] step 4/6", "[rank 0] step 6/6"]
     assert all(" tok/s ETA " in ln for ln in lines if ln.startswith("[rank 0] step "))
+    layout = "(packed, rows <= 192 tokens)" if packing else "(padded)"  # 192 = data.max_seq_len
+    pattern = re.compile(r"tokens/step/rank ([\d,]+) real ([\d,]+) with padding " + re.escape(layout))
+    for ln in lines:
+        if ln.startswith("[rank 0] step "):
+            real, computed = (float(g.replace(",", "")) for g in pattern.search(ln).groups())
+            assert 0 < real <= computed, ln
     for noise in ("Running Dataset", "RayDeprecationWarning", "FutureWarning", "(RayTrainWorker", "(TrainController",
                   "(SplitCoordinator", "Token authentication is", "DeepSpeed", "Writing model shards", "[cf] epoch",
                   "Progress bars disabled"):

@@ -173,8 +173,9 @@ def test_loss_on_answer_positions_equals_the_full_logits_loss(tokenizer):
     model = _model(tokenizer).train()
     for layer in model.lora_layers:  # non-zero B so that the adapters change the output
         for name in ("shared_b", "task_b"):
-            if getattr(layer, name, None) is not None:
-                torch.nn.init.normal_(getattr(layer, name), std=0.05)
+            p = getattr(model.llm.get_submodule(layer), name)  # lora_layers holds qualified names
+            if p is not None:
+                torch.nn.init.normal_(p, std=0.05)
     b = _batch(tokenizer)
     b["task_ids"] = torch.tensor([0, 0, 1, 1, 2, 3])
     b["row_offsets"] = segment_offsets(b["task_ids"], 4)

@@ -77,16 +77,22 @@ def collate_prompts(batch: Mapping[str, np.ndarray], pad_id: int, num_tasks: int
     }
 
 
-def prompt_collate_fn(pad_id: int, num_tasks: int, forms: Sequence[str] = FORMS):
+def prompt_collate_fn(pad_id: int, num_tasks: int, forms: Sequence[str] = FORMS, pack_tokens: int = 0):
     """``collate_prompts`` as the collate object ``Dataset.iter_torch_batches(collate_fn=...)`` takes: Ray Data
     >= 2.47 wants a callable class deriving from ``NumpyBatchCollateFn`` (numpy column batches in, our tensor
     dict out; a plain function is deprecated and warned about on every epoch). Ray is imported here, not at
-    module import, so that the collate function itself stays usable without Ray Data."""
+    module import, so that the collate function itself stays usable without Ray Data.
+
+    ``pack_tokens`` > 0: the padded batch is then packed into rows of at most that many tokens
+    (``ckf_dist.data.packing.pack_batch``), off the training step's path like the collation itself."""
     from ray.data.collate_fn import NumpyBatchCollateFn
+
+    from ckf_dist.data.packing import pack_batch
 
     class PromptCollate(NumpyBatchCollateFn):
         def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-            return collate_prompts(batch, pad_id, num_tasks, forms)
+            out = collate_prompts(batch, pad_id, num_tasks, forms)
+            return pack_batch(out, pack_tokens, pad_id, num_tasks) if pack_tokens > 0 else out
 
     return PromptCollate()
 

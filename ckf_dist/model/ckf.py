@@ -104,15 +104,24 @@ class CKFModel(nn.Module):
         return torch.cat([t_u, t_v], dim=1)
 
     def embed_with_soft_tokens(self, input_ids: torch.Tensor, n_targets: torch.Tensor, user_ids: torch.Tensor,
-                               history: torch.Tensor, targets: torch.Tensor, is_hybrid: torch.Tensor) -> torch.Tensor:
+                               history: torch.Tensor, targets: torch.Tensor, is_hybrid: torch.Tensor,
+                               seq_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Token embeddings with every ``<cf>`` replaced by its soft token, in one vectorised scatter.
 
-        input_ids [B, L]; n_targets [B]; is_hybrid [B] bool. Hybrid rows must hold exactly 1 + n_targets
-        placeholders and text rows none; a mismatch raises ValueError naming the rows.
+        input_ids [R, L]; per sample: n_targets [S], user_ids [S], history [S, H], targets [S, K], is_hybrid [S]
+        bool. Padded layout (``seq_ids`` None): row r is sample r (R = S). Packed layout
+        (``ckf_dist.data.packing``): ``seq_ids`` [R, L] names each token's sample (-1 = padding); a sample's
+        tokens are contiguous within one row. Hybrid samples must hold exactly 1 + n_targets placeholders and
+        text samples none; a mismatch raises ValueError naming the (padded batch) rows.
         """
-        embeds = self.llm.get_input_embeddings()(input_ids)  # [B, L, hidden]
+        embeds = self.llm.get_input_embeddings()(input_ids)  # [R, L, hidden]
+        n_samples = n_targets.shape[0]
         is_ph = input_ids == self.placeholder_id
-        counts = is_ph.sum(dim=1)
+        row, pos = is_ph.nonzero(as_tuple=True)  # [P] row-major: a sample's placeholders in order, consecutive
+        sample = row if seq_ids is None else seq_ids[row, pos]
+        if bool((sample < 0).any()):
+            raise ValueError("a <cf> placeholder sits on a padding position of a packed batch")
+        counts = torch.bincount(sample, minlength=n_samples)
         expected = torch.where(is_hybrid, n_targets + 1, torch.zeros_like(n_targets))
         if not torch.equal(counts, expected):
             bad = (counts != expected).nonzero().flatten()[:5].tolist()
@@ -121,20 +130,25 @@ class CKFModel(nn.Module):
         if not bool(is_hybrid.any()):
             return embeds
         hyb = is_hybrid.nonzero().flatten()
-        soft = self.soft_tokens(user_ids[hyb], history[hyb], targets[hyb]).to(embeds.dtype)  # [Bh, 1+K, hidden]
-        row, pos = is_ph.nonzero(as_tuple=True)  # row-major: placeholders of a row in order
-        slot = (torch.cumsum(is_ph.long(), dim=1) - 1)[row, pos]  # k-th placeholder of its row
-        hyb_index = torch.full((input_ids.shape[0],), -1, dtype=torch.long, device=input_ids.device)
+        soft = self.soft_tokens(user_ids[hyb], history[hyb], targets[hyb]).to(embeds.dtype)  # [Sh, 1+K, hidden]
+        entry = torch.arange(sample.numel(), device=input_ids.device)
+        first = torch.full((n_samples,), sample.numel(), dtype=torch.long, device=input_ids.device)
+        first = first.scatter_reduce(0, sample, entry, reduce="amin")  # each sample's first placeholder entry
+        slot = entry - first[sample]  # k-th placeholder of its sample
+        hyb_index = torch.full((n_samples,), -1, dtype=torch.long, device=input_ids.device)
         hyb_index[hyb] = torch.arange(hyb.numel(), device=input_ids.device)
-        return embeds.index_put((row, pos), soft[hyb_index[row], slot])
+        return embeds.index_put((row, pos), soft[hyb_index[sample], slot])
 
     # ------------------------------------------------------------------------------------------ loss
     def forward(self, batch: dict, text_weight: float = 0.5, task_weights: Optional[torch.Tensor] = None,
                 route_gradients: bool = False) -> dict:
-        """One step's loss over a collated batch (see ``ckf_dist.data.collate``).
+        """One step's loss over a collated batch (``ckf_dist.data.collate``), padded (one sample per row, B rows)
+        or packed (``ckf_dist.data.packing``: several samples of one task per row; same per-sample
+        columns, same loss and gradients up to summation order).
 
-        Returns {"loss": scalar, "row_loss": [B] mean answer-token CE per row (detached), "answer_logits":
-        [B, V] the logits that predict each row's answer token number ``batch["score_pos"]`` (0 = the first) (zeros for a row without an answer)}.
+        Returns {"loss": scalar, "row_loss": [B] mean answer-token CE per sample (detached), "answer_logits":
+        [B, V] the logits that predict each sample's answer token number ``batch["score_pos"]`` (0 = the first)
+        (zeros for a sample without an answer)}; B = the padded batch's rows (samples) in both layouts.
         ``text_weight`` = lambda of the curriculum: loss = lam * L_text + (1 - lam) * L_hybrid, each the
         task-weighted mean of per-task mean row losses over the rows of that form present in the batch.
 
@@ -144,19 +158,42 @@ class CKFModel(nn.Module):
         """
         # Gradient routing (ckf_method.md section 3): only text-form rows train the LoRAs; hybrid rows still
         # back-propagate through them to the soft tokens, so the hybrid loss trains the mapping side only.
-        grad_rows = ~batch["is_hybrid"] if (route_gradients and self.training) else None
-        self.segments.set(batch["row_offsets"], param_grad_rows=grad_rows)
+        packed = "seq_ids" in batch  # ckf_dist.data.packing: rows hold several samples of one task
+        route = route_gradients and self.training
+        if packed:  # a packed row may hold both forms: route per token (padding tokens carry no gradient)
+            grad_tokens = ~batch["is_hybrid"][batch["seq_ids"].clamp_min(0)] if route else None
+            self.segments.set(batch["row_offsets"], param_grad_tokens=grad_tokens)
+        else:
+            self.segments.set(batch["row_offsets"], param_grad_rows=~batch["is_hybrid"] if route else None)
         embeds = self.embed_with_soft_tokens(batch["input_ids"], batch["n_targets"], batch["user_ids"],
-                                             batch["history"], batch["targets"], batch["is_hybrid"])
-        hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                                        use_cache=False).last_hidden_state  # [B, L, hidden]
+                                             batch["history"], batch["targets"], batch["is_hybrid"],
+                                             seq_ids=batch.get("seq_ids"))
+        decoder = self.llm.get_decoder()
+        if packed:
+            # No attention mask: transformers derives the per-sample causal (document) mask from the restarting
+            # position ids; flash_attention_2 gets the varlen boundaries directly.
+            hidden = decoder(inputs_embeds=embeds, attention_mask=None, position_ids=batch["position_ids"],
+                             use_cache=False, **packed_attention_kwargs(self.llm.config, batch["position_ids"])
+                             ).last_hidden_state  # [R, L, hidden]
+        else:
+            hidden = decoder(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                             use_cache=False).last_hidden_state  # [B, L, hidden]
         labels = batch["labels"]
-        predicts_answer = labels[:, 1:] != IGNORE  # [B, L-1]: position p predicts token p + 1
+        n_samples = batch["task_ids"].shape[0]
+        predicts_answer = labels[:, 1:] != IGNORE  # [R, L-1]: position p predicts token p + 1
         row, pos = predicts_answer.nonzero(as_tuple=True)  # [N] each, row-major
+        if packed:
+            # entries grouped by sample (stable: a sample's answer positions stay in order)
+            sample = batch["seq_ids"][row, pos + 1]
+            order = torch.argsort(sample, stable=True)
+            row, pos, sample = row[order], pos[order], sample[order]
+            n_tok = torch.bincount(sample, minlength=n_samples)  # [S]
+        else:
+            sample = row
+            n_tok = predicts_answer.sum(1)  # [B]
         logits = self.llm.get_output_embeddings()(hidden[row, pos])  # [N, V]
         tok_loss = F.cross_entropy(logits.float(), labels[row, pos + 1], reduction="none")  # [N]
-        n_tok = predicts_answer.sum(1)  # [B]
-        row_loss = tok_loss.new_zeros(labels.shape[0]).index_add(0, row, tok_loss) / n_tok.clamp_min(1)
+        row_loss = tok_loss.new_zeros(n_samples).index_add(0, sample, tok_loss) / n_tok.clamp_min(1)
         loss = self.combine_losses(row_loss, batch["task_ids"], batch["is_hybrid"], text_weight, task_weights)
         # A row's k-th answer position is entry first + k of the row-major selection; k = batch["score_pos"]
         # (default 0): the answer token where the scored alternatives first differ (scoring.answer_token_ids),
@@ -167,7 +204,7 @@ class CKFModel(nn.Module):
             k = torch.zeros_like(n_tok) if k is None else torch.minimum(k.to(n_tok), (n_tok - 1).clamp_min(0))
             answer_logits = logits.detach()[(first + k).clamp_max(row.numel() - 1)] * (n_tok > 0)[:, None]
         else:
-            answer_logits = logits.new_zeros(labels.shape[0], logits.shape[-1])
+            answer_logits = logits.new_zeros(n_samples, logits.shape[-1])
         return {"loss": loss, "row_loss": row_loss.detach(), "answer_logits": answer_logits}
 
     def combine_losses(self, row_loss: torch.Tensor, task_ids: torch.Tensor, is_hybrid: torch.Tensor,
@@ -194,6 +231,19 @@ class CKFModel(nn.Module):
 
     def trainable_named_parameters(self):
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+
+def packed_attention_kwargs(config, position_ids: torch.Tensor) -> dict:
+    """Extra decoder kwargs for a packed batch: flash_attention_2's varlen boundaries (``cu_seq_lens_q/k``
+    [n_sequences + 1] int32 over the flattened [R * L] tokens, ``max_length_q/k``) from position_ids [R, L]
+    (each sequence restarts at 0); nothing for sdpa / eager / flex_attention, whose masks transformers builds
+    from the position ids itself (``masking_utils.find_packed_sequence_indices``)."""
+    if not str(getattr(config, "_attn_implementation", "")).startswith("flash_attention"):
+        return {}
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(position_ids)
+    return {"cu_seq_lens_q": cu_q, "cu_seq_lens_k": cu_k, "max_length_q": int(max_q), "max_length_k": int(max_k)}
 
 
 def build_projector(kind: str, dim: int, hidden: int) -> nn.Module:

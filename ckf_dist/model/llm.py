@@ -105,11 +105,16 @@ def local_model_config(cfg: ModelConfig, s3_config=None, tokenizer_only: bool = 
 
 
 def resolve_attn_implementation(requested: str) -> str:
-    """``requested``, except ``flash_attention_2`` where it cannot run (no flash-attn package, no CUDA device):
-    then ``sdpa``, with the reason logged once per process."""
-    if requested != "flash_attention_2":
+    """``requested``, except ``flash_attention_2`` / ``flex_attention`` where it cannot run (no flash-attn package,
+    no CUDA device; torch's FlexAttention has no backward on CPU): then ``sdpa``, with the reason logged once per
+    process. sdpa takes the same packed batches (a block-diagonal causal mask built from the position ids)."""
+    if requested not in ("flash_attention_2", "flex_attention"):
         return requested
-    if importlib.util.find_spec("flash_attn") is None:
+    if requested == "flex_attention":
+        if torch.cuda.is_available():
+            return requested
+        reason = "no CUDA device is visible (FlexAttention has no backward on CPU)"
+    elif importlib.util.find_spec("flash_attn") is None:
         reason = "the flash-attn package is not installed (the [gpu] extra; cluster/Dockerfile builds it)"
     elif not torch.cuda.is_available():
         reason = "no CUDA device is visible"
@@ -117,7 +122,7 @@ def resolve_attn_implementation(requested: str) -> str:
         return requested
     if reason not in _warned:
         _warned.add(reason)
-        log.warning("model.attn_implementation=flash_attention_2 but %s: using sdpa instead", reason)
+        log.warning("model.attn_implementation=%s but %s: using sdpa instead", requested, reason)
     return "sdpa"
 
 

@@ -31,17 +31,26 @@ class TaskSegments:
     row_offsets: Optional[torch.Tensor] = None
     # [B] bool or None: rows whose loss may train the adapters' parameters (gradient routing; None = all rows).
     param_grad_rows: Optional[torch.Tensor] = None
+    # [B, L] bool or None: the same per token, for packed rows that hold samples of both prompt forms.
+    param_grad_tokens: Optional[torch.Tensor] = None
     _token_offsets: dict = field(default_factory=dict)
     _token_grad_rows: dict = field(default_factory=dict)
 
-    def set(self, row_offsets: torch.Tensor, param_grad_rows: Optional[torch.Tensor] = None) -> None:
+    def set(self, row_offsets: torch.Tensor, param_grad_rows: Optional[torch.Tensor] = None,
+            param_grad_tokens: Optional[torch.Tensor] = None) -> None:
         self.row_offsets = row_offsets
         self.param_grad_rows = param_grad_rows
+        self.param_grad_tokens = param_grad_tokens
         self._token_offsets = {}
         self._token_grad_rows = {}
 
     def token_grad_rows(self, seq_len: int) -> Optional[torch.Tensor]:
         """[B * L] bool over the flattened tokens (cached per sequence length), or None."""
+        if self.param_grad_tokens is not None:
+            if self.param_grad_tokens.shape[1] != seq_len:
+                raise RuntimeError(f"per-token gradient routing set for length {self.param_grad_tokens.shape[1]}, "
+                                   f"layer called with {seq_len}")
+            return self.param_grad_tokens.reshape(-1)
         if self.param_grad_rows is None:
             return None
         if seq_len not in self._token_grad_rows:
