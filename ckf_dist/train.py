@@ -301,10 +301,18 @@ def _run(cfg: Config, verbose: bool, out: "console.Console"):
 
 
 def data_config(cfg: Config, data_config_cls):
-    """Ray Train's ``DataConfig`` for the training set: Ray Data's defaults, with ``preserve_order`` when
-    ``training.deterministic_data`` (the split into worker shards is then the same on every run)."""
-    options = data_config_cls.default_ingest_options()
-    options.preserve_order = options.preserve_order or cfg.training.deterministic_data
+    """Ray Train's ``DataConfig`` for the training set: None (Ray's default) unless ``training.deterministic_data``,
+    then a copy of the current Ray Data execution options with ``preserve_order`` (the split into worker shards
+    is then the same on every run). A copy, not ``DataConfig.default_ingest_options()``: that one passes
+    ``exclude_resources`` to ``ExecutionOptions`` and Ray 2.60 prints a deprecation warning for it."""
+    import copy
+
+    from ray.data import DataContext
+
+    if not cfg.training.deterministic_data:
+        return None
+    options = copy.deepcopy(DataContext.get_current().execution_options)
+    options.preserve_order = True
     return data_config_cls(execution_options=options)
 
 
