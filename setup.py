@@ -25,6 +25,8 @@ RUNTIME = [
     "sacrebleu>=2.4",
     "rouge-score>=0.1.2",
     "matplotlib>=3.8",
+    # ckf_dist.metrics_log: TensorBoard event files through torch.utils.tensorboard, and the `tensorboard` viewer
+    "tensorboard>=2.16",
 ]
 
 setup(

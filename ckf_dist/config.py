@@ -188,6 +188,10 @@ class TrainingConfig:
     # (ckf_dist.data.packing; one task per row, attention never crosses a sample; README "Throughput").
     packing: bool = False
     pack_tokens: int = 0  # tokens per packed row, >= data.max_seq_len; 0 = data.max_seq_len
+    # true: Ray Data hands every worker the same rows in the same order on every run (preserve_order; some
+    # pipelining lost), so a rerun or a restart after a failure trains bit for bit as an uninterrupted run.
+    # false: the split between workers follows the timing of the read tasks and varies from run to run.
+    deterministic_data: bool = False
     seed: int = 0
 
 
@@ -210,6 +214,9 @@ class RayConfig:
     cpus_per_worker: float = 0.5  # <1 on a 2-CPU machine: Ray Data needs a CPU too (see engineering notes)
     gpus_per_worker: float = 1.0
     local_num_cpus: int = 0  # logical CPUs for a local Ray; 0 = Ray's own count
+    # Worker failures survived in place (Ray Train FailureConfig): the worker group restarts and resumes from the
+    # latest checkpoint (steps after it are trained again). 0 = the first failure ends the run; -1 = no limit.
+    max_failures: int = 3
 
 
 @dataclass
@@ -343,6 +350,8 @@ def validate(cfg: Config) -> Config:
     _choice("ray.use_gpu", cfg.ray.use_gpu, {"auto", "true", "false"})
     if cfg.ray.num_workers < 1:
         raise ConfigError("ray.num_workers must be >= 1")
+    if cfg.ray.max_failures < -1:
+        raise ConfigError(f"ray.max_failures={cfg.ray.max_failures} must be >= 0, or -1 for no limit")
     if cfg.checkpoint.every_steps < 1:
         raise ConfigError("checkpoint.every_steps must be >= 1")
     if not cfg.checkpoint.run_name or "/" in cfg.checkpoint.run_name:

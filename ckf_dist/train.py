@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 from typing import Optional
 
 from ckf_dist import console
@@ -231,12 +232,13 @@ def run(cfg: Config, verbose: bool = False):
 
 def _run(cfg: Config, verbose: bool, out: "console.Console"):
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ckf_dist.data.streaming import prompt_dataset
     from ckf_dist.heldout import heldout_table
-    from ckf_dist.worker import train_loop_per_worker
+    from ckf_dist.metrics_log import JSONL, TB_DIR, run_folder
+    from ckf_dist.worker import FAULT_KILL_ENV, train_loop_per_worker
 
     t0 = time.time()
     progress = progress_printer(verbose)
@@ -261,15 +263,25 @@ def _run(cfg: Config, verbose: bool, out: "console.Console"):
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": dataclasses.asdict(cfg), "tokenizer": tokenizer, "use_gpu": use_gpu,
-                           "data_manifest": manifest, "heldout": heldout, "console": sink},
+                           "data_manifest": manifest, "heldout": heldout, "console": sink,
+                           # tells an in-place restart (same launch) from a resume by rerun (worker.py)
+                           "launch_id": uuid.uuid4().hex,
+                           # fault injection for tests only: rank 1 kills itself once after this step
+                           "fault_kill_at_step": int(os.environ.get(FAULT_KILL_ENV, "0") or 0)},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=cfg.checkpoint.run_name, storage_path=storage_path, storage_filesystem=fs,
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+                             # a failed worker group restarts and resumes from the latest checkpoint
+                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         datasets=datasets,
+        dataset_config=data_config(cfg, DataConfig),
     )
     _say(f"training run '{cfg.checkpoint.run_name}' -> {cfg.checkpoint.storage_path} "
-         f"({cfg.ray.num_workers} workers, ZeRO-{cfg.deepspeed.zero_stage}, {'GPU' if use_gpu else 'CPU'})")
+         f"({cfg.ray.num_workers} workers, ZeRO-{cfg.deepspeed.zero_stage}, {'GPU' if use_gpu else 'CPU'}; "
+         f"worker failures survived: {'no limit' if cfg.ray.max_failures < 0 else cfg.ray.max_failures})")
+    _say(f"metrics every {cfg.training.log_every} steps: {run_folder(cfg)}/{JSONL}; "
+         f"tensorboard --logdir {run_folder(cfg)}/{TB_DIR}")
     wait = GpuWait(cfg, use_gpu, said_for_gpus=ray.cluster_resources().get("GPU", 0))
     pump = console.SinkPump(sink, out, on_tick=wait).start() if sink is not None else None
     try:
@@ -286,6 +298,22 @@ def _run(cfg: Config, verbose: bool, out: "console.Console"):
     report = write_run_metrics(cfg, result, time.time() - t0)
     print_summary(report)
     return result
+
+
+def data_config(cfg: Config, data_config_cls):
+    """Ray Train's ``DataConfig`` for the training set: None (Ray's default) unless ``training.deterministic_data``,
+    then a copy of the current Ray Data execution options with ``preserve_order`` (the split into worker shards
+    is then the same on every run). A copy, not ``DataConfig.default_ingest_options()``: that one passes
+    ``exclude_resources`` to ``ExecutionOptions`` and Ray 2.60 prints a deprecation warning for it."""
+    import copy
+
+    from ray.data import DataContext
+
+    if not cfg.training.deterministic_data:
+        return None
+    options = copy.deepcopy(DataContext.get_current().execution_options)
+    options.preserve_order = True
+    return data_config_cls(execution_options=options)
 
 
 def publish_adapter(cfg: Config, checkpoint) -> str:
@@ -318,6 +346,7 @@ def write_run_metrics(cfg: Config, result, seconds: float) -> dict:
     report = {"schema": "ckf-run-metrics/1", "run_name": cfg.checkpoint.run_name, "step": metrics.get("step"),
               "stopped_by": metrics.get("stopped_by"), "cf_version": metrics.get("cf_version"),
               "train_seconds": metrics.get("train_seconds"), "wall_seconds": round(seconds, 1),
+              "restarts": metrics.get("restarts", 0),
               "model": {"source": cfg.model.source, "path": cfg.model.path},
               "gradient_routing": cfg.training.gradient_routing, "curriculum": cfg.training.curriculum,
               "eval_splits": list(cfg.training.eval_splits), **heldout}

@@ -21,6 +21,7 @@ from ckf_dist.data.collate import prompt_collate_fn, to_device
 from ckf_dist.data.packing import token_counts
 from ckf_dist.data.schema import PLACEHOLDER, TASK_IDS
 from ckf_dist import scoring
+from ckf_dist.metrics_log import MetricsLog, run_folder
 
 STATE_FILE = "trainer_state.json"
 DS_TAG = "ds"
@@ -214,10 +215,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
     resume = ray.train.get_checkpoint()
     resume_dir_ctx = resume.as_directory() if resume else None
     resume_dir = resume_dir_ctx.__enter__() if resume_dir_ctx else None
+    # An in-place restart (Ray Train restarted the worker group after a failure, ray.max_failures) and a
+    # resume by rerun take the same path: ray.train.get_checkpoint() is the latest reported checkpoint. The
+    # driver's launch id tells them apart (the checkpoint was written by this same trainer.fit()).
+    launch = loop_config.get("launch_id")
+    restart = False
     if resume_dir:
         with open(os.path.join(resume_dir, STATE_FILE)) as f:
             state.update(json.load(f))
-        log(f"resuming from checkpoint at step {state['step']} (CF embeddings {state['cf_version']})")
+        restart = launch is not None and state.get("launch_id") == launch
+        if restart:
+            state["restarts"] = state.get("restarts", 0) + 1
+        log(f"{'restarted after a worker failure: ' if restart else ''}resuming from checkpoint at step "
+            f"{state['step']} (CF embeddings {state['cf_version']})")
+    state["launch_id"] = launch
+    mlog = MetricsLog(run_folder(cfg), cfg.data.s3, resume_step=state["step"]) if rank == 0 else None
+    if mlog is not None and resume_dir:
+        mlog.log("resume", state["step"], {}, {"restart": restart, "restarts": state.get("restarts", 0)})
 
     data_manifest = loop_config["data_manifest"]
     cf_version, users, items = load_cf_tables(cfg, state["cf_version"], data_manifest)
@@ -240,7 +254,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                            config=build_deepspeed_config(cfg, world, use_gpu))
     if resume_dir:
         engine.load_checkpoint(resume_dir, tag=DS_TAG, load_module_strict=False)
+        rng_restored = restore_rng(resume_dir, rank)
         resume_dir_ctx.__exit__(None, None, None)
+        if not rng_restored:
+            log("the checkpoint holds no RNG state for this rank: dropout masks differ from an uninterrupted run")
         # audit of what the checkpoint restored (tests compare these with the interrupted run's last step)
         state["resumed"] = {"optimizer_step": optimizer_step(engine), "lr": scheduler.get_last_lr(),
                             "epoch": state["epoch"], "batch_in_epoch": state["batch_in_epoch"]}
@@ -253,6 +270,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if heldout_rows is not None and state["step"] == 0:
         state["heldout_before"] = evaluate_heldout(engine, heldout_rows, cfg, tokenizer, device, rank)
         log("untrained model on held-out rows: " + _fmt(state["heldout_before"]))
+        if mlog is not None:
+            mlog.log("heldout", 0, _tagged("heldout", flatten_heldout({"before": state["heldout_before"]})))
 
     follower = CFVersionFollower(cfg, cf_version, log, data_manifest=data_manifest)
     task_w = _task_weights(cfg).to(device)
@@ -260,6 +279,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     step = state["step"]
     tokens, computed, seconds_start, step_start = 0, 0, clock.seconds, step
     running: dict[str, list[float]] = {}
+    interval = {"steps": 0, "seconds": 0.0, "wait": 0.0, "tokens": 0}  # since the last logged step (rank 0)
+    group_names = [g["name"] for g in groups]
+    kill_at = int(loop_config.get("fault_kill_at_step") or 0)
     batches = _batches(ray.train.get_dataset_shard("train"), cfg, pad_id, state["epoch"], state["batch_in_epoch"], rank)
     layout = f"packed, rows <= {pack_tokens(cfg)} tokens" if cfg.training.packing else "padded"
     if clock.budget_s > 0:
@@ -267,6 +289,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     while not clock.done(step):
         t_step = time.perf_counter()
         epoch, index, batch = next(batches)
+        wait = time.perf_counter() - t_step
         new = follower.maybe_swap(step, engine.module)
         if new:
             cf_version = new
@@ -286,8 +309,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         tokens += real
         computed += padded
         _accumulate(running, out["row_loss"], batch)
-        clock.seconds += time.perf_counter() - t_step
+        dt = time.perf_counter() - t_step
+        clock.seconds += dt
         clock.sync(device)
+        _add(interval, steps=1, seconds=dt, wait=wait, tokens=real)
         finished = clock.done(step)
         log_now = step % cfg.training.log_every == 0 or finished
         if progress is not None and (log_now or progress.due(step, total)):
@@ -303,12 +328,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         f"{rate:,.0f} tok/s ETA {format_duration(eta)} | "
                         + " ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in sorted(running.items())))
             progress.step(step, total, loss, rate, eta, text)
+        if log_now and mlog is not None:
+            mlog.log("train", step, step_scalars(out["loss"].detach(), running, lam, scheduler.get_last_lr(), group_names,
+                                                 engine.get_global_grad_norm(), interval, world,
+                                                 len(state.get("cf_swaps", []))),
+                     {"cf_version": cf_version, "epoch": epoch})
+            if new:
+                mlog.text("cf_version", cf_version, step)
         if log_now:
             running.clear()
+            _add(interval, reset=True)
         state.update(step=step, epoch=epoch, batch_in_epoch=index + 1, cf_version=cf_version,
                      train_seconds=clock.seconds)
         if step % cfg.checkpoint.every_steps == 0 and not finished:
-            _save_and_report(engine, state, {"step": step, "cf_version": cf_version}, rank, cfg, tokenizer, None)
+            _save_and_report(engine, state, {"step": step, "cf_version": cf_version}, rank, cfg, tokenizer, None,
+                             mlog=mlog)
+        if step == kill_at and rank == 1:
+            _fault_kill_once(cfg, step)
 
     heldout = {}
     if heldout_rows is not None:
@@ -316,13 +352,88 @@ def train_loop_per_worker(loop_config: dict) -> None:
                    "after": evaluate_heldout(engine, heldout_rows, cfg, tokenizer, device, rank)}
         log("trained model on held-out rows:   " + _fmt(heldout["after"]))
         metrics.update(flatten_heldout(heldout))
+        if mlog is not None:
+            mlog.log("heldout", step, _tagged("heldout", flatten_heldout({"after": heldout["after"]})))
     if clock.budget_s > 0 and step < total:
         log(f"stopped by training.max_minutes={cfg.training.max_minutes:g} at step {step}/{total}")
     metrics.update(step=step, cf_version=cf_version, train_seconds=clock.seconds, stopped_by=clock.stopped_by(step),
                    optimizer_step=optimizer_step(engine), lr=scheduler.get_last_lr(), epoch=state["epoch"],
-                   batch_in_epoch=state["batch_in_epoch"], resumed=state.get("resumed"))
+                   batch_in_epoch=state["batch_in_epoch"], resumed=state.get("resumed"),
+                   restarts=state.get("restarts", 0))
+    if mlog is not None:
+        final = {k: v for k, v in metrics.items() if not k.startswith(("before/", "after/"))}
+        mlog.log("final", step, _tagged("final", {k: v for k, v in final.items() if k != "lr"}),
+                 {"cf_version": cf_version, "stopped_by": final["stopped_by"]})
+        mlog.close()  # everything at the storage path before the final checkpoint is reported
     _save_and_report(engine, state, metrics, rank, cfg, tokenizer, export_adapter if cfg.checkpoint.export_adapter else None,
                      heldout=heldout)
+
+
+def step_scalars(loss, running: dict, lam: float, lrs: list, group_names: list, grad_norm, interval: dict,
+                 world: int, cf_swaps: int) -> dict:
+    """The scalars of one logged step (``ckf_dist.metrics_log``): rank 0's loss of this step, its mean loss per
+    task and prompt form since the last logged step, lambda, the lr of each parameter group, DeepSpeed's global
+    gradient norm (before clipping; None when it computed none), tokens per second (rank 0's count x world
+    size over the interval's step time), mean step time and the part of it spent waiting for the batch."""
+    n = max(interval["steps"], 1)
+    out = {"loss/total": float(loss), **{f"loss/{k}": sum(v) / len(v) for k, v in sorted(running.items())},
+           "lambda": lam, **{f"lr/{name}": lr for name, lr in zip(group_names, lrs)}, "grad_norm": grad_norm,
+           "throughput/tokens_per_s": interval["tokens"] * world / max(interval["seconds"], 1e-9),
+           "time/step_s": interval["seconds"] / n, "time/data_wait_s": interval["wait"] / n,
+           "cf/swaps": cf_swaps}
+    return out
+
+
+def _add(acc: dict, reset: bool = False, **values) -> None:
+    for k in acc:
+        acc[k] = type(acc[k])(0) if reset else acc[k] + values.get(k, 0)
+
+
+def _tagged(prefix: str, values: dict) -> dict:
+    return {f"{prefix}/{k}": v for k, v in values.items()}
+
+
+FAULT_KILL_ENV = "CKF_FAULT_KILL_AT_STEP"  # fault injection for tests only (ckf_dist.train passes it on)
+
+
+def _fault_kill_once(cfg: Config, step: int) -> None:
+    """Fault injection for tests (``CKF_FAULT_KILL_AT_STEP=<n>`` in the driver's environment): rank 1 SIGKILLs
+    its own process after step n, once per run folder. The marker file ``fault_injection/killed_at_step<n>``
+    in the run folder, written before the kill, keeps the restarted worker from killing itself again."""
+    import signal
+
+    from ckf_dist.data import io
+
+    fs, marker = io.get_filesystem(io.join(run_folder(cfg), "fault_injection", f"killed_at_step{step}"), cfg.data.s3)
+    if io.exists(fs, marker):
+        return
+    io.write_bytes(fs, marker, json.dumps({"rank": 1, "step": step, "pid": os.getpid()}).encode("utf-8"))
+    # The Train controller takes one report per worker per poll (every 2 s, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S):
+    # waiting 3 polls lets it register the last checkpoint first, so that the test knows which one is restored.
+    time.sleep(6.0)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def save_rng(folder: str, rank: int) -> None:
+    """This rank's torch RNG state (CPU, and CUDA when present) into ``rng_rank<rank>.pt``: the LoRA dropout
+    draws from it, so a resumed run continues the same random stream as an uninterrupted one."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(state, os.path.join(folder, f"rng_rank{rank}.pt"))
+
+
+def restore_rng(folder: str, rank: int) -> bool:
+    """Restores what ``save_rng`` saved for this rank; False when the checkpoint has none (an older one, or a
+    different world size)."""
+    path = os.path.join(folder, f"rng_rank{rank}.pt")
+    if not os.path.exists(path):
+        return False
+    state = torch.load(path, weights_only=True)
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    return True
 
 
 def optimizer_step(engine) -> int:
@@ -411,11 +522,15 @@ def _fmt(report: dict) -> str:
 
 
 def _save_and_report(engine, state: dict, metrics: dict, rank: int, cfg: Config, tokenizer, export,
-                     heldout: Optional[dict] = None) -> None:
+                     heldout: Optional[dict] = None, mlog: Optional[MetricsLog] = None) -> None:
     """Every rank writes its DeepSpeed shard files into its own temp dir; Ray Train uploads them all into the
-    same checkpoint folder. Rank 0 adds the trainer state (and the adapter export at the end)."""
+    same checkpoint folder. Rank 0 adds the trainer state (and the adapter export at the end) and syncs the
+    metrics log to the run folder (``ckf_dist.metrics_log``)."""
     import ray.train
     from ray.train import Checkpoint
+
+    if mlog is not None:
+        mlog.sync()
 
     with tempfile.TemporaryDirectory(prefix="ckf_ckpt_") as tmp:
         engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"step": state["step"]}, save_latest=False)
@@ -431,6 +546,7 @@ def _save_and_report(engine, state: dict, metrics: dict, rank: int, cfg: Config,
         # the step it saved at (all ranks stop together, also on a time budget).
         with open(os.path.join(tmp, f"cf_swaps_rank{rank}.json"), "w") as f:
             json.dump(state.get("cf_swaps", []), f)
+        save_rng(tmp, rank)
         with open(os.path.join(tmp, f"step_rank{rank}.json"), "w") as f:
             json.dump({"step": state["step"], "train_seconds": state["train_seconds"]}, f)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))

@@ -167,5 +167,24 @@ def test_a_short_run_prints_a_short_console(tmp_path, packing):
         assert noise not in out, noise
     for kept in ("[ckf_dist] started a local Ray", "[rank 0] untrained model on held-out rows",
                  "[rank 0] trained model on held-out rows", "  ctr/auc ", "hybrid - permuted CF tables",
-                 "[ckf_dist] done: step 6"):
+                 "[ckf_dist] done: step 6", f"tensorboard --logdir {tmp_path}/runs/ckf-default/tensorboard"):
         assert kept in out, kept
+    # The same run's metrics at a local storage path (written in place): one metrics.jsonl line per logged step
+    # and the same steps' scalars in the TensorBoard event files, read by TensorBoard's EventAccumulator.
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "runs" / "ckf-default"
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in records] == [("heldout", 0), ("train", 2), ("train", 4), ("train", 6),
+                                                         ("heldout", 6), ("final", 6)]
+    for r in records[1:4]:
+        assert {"loss/total", "lambda", "lr/lora", "lr/mapping", "grad_norm", "throughput/tokens_per_s",
+                "time/step_s", "time/data_wait_s", "cf/swaps", "cf_version"} <= r.keys(), r
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss/total")] == [
+        (r["step"], pytest.approx(r["loss/total"])) for r in records[1:4]]
+    assert [e.step for e in acc.Scalars("heldout/before/hybrid/ctr/auc")] == [0]
+    assert [e.step for e in acc.Scalars("heldout/after/hybrid/ctr/auc")] == [6]

@@ -9,6 +9,7 @@ the KubeRay manifests. Each block must pass ``bash -n``; each command in it is s
   it would load; nothing runs); ``python <script>``: the script's ``parse_args`` plus its config overrides.
 - ``ray ...``: Ray's click command tree (``ray.scripts.scripts.cli``) parses the whole line; the entrypoint after
   ``ray job submit ... --`` is checked as a command of its own.
+- ``tensorboard``: TensorBoard's own flag parser (``tensorboard.program.TensorBoard.configure``).
 - ``pip install``: pip's own option parser; ``.[extra,...]`` names only extras setup.py defines; every other
   requirement is a valid PEP 508 requirement.
 - ``kubectl``, ``helm``, ``docker``, ``aws``, ``openssl``, ``base64``: not installed on this machine or in CI, so only
@@ -207,10 +208,19 @@ def check_file_only(cmd: list[str]) -> None:
         assert args[2].startswith("../shared/data/"), cmd
 
 
+def check_tensorboard(cmd: list[str]) -> None:
+    """TensorBoard's own flag parser reads the line (a bad flag exits, a missing --logdir raises FlagsError)."""
+    from tensorboard import program
+
+    program.TensorBoard().configure(argv=cmd)
+
+
 def check_command(cmd: list[str]) -> None:
     program = os.path.basename(cmd[0])
     if program in ("python", "python3"):
         check_python(cmd)
+    elif program == "tensorboard":
+        check_tensorboard(cmd)
     elif program == "ray":
         check_ray(cmd)
     elif program == "pip":
@@ -265,12 +275,15 @@ def test_manifest_entrypoints_parse(where, entrypoint):
     "kubectl apply -f cluster/rayjob.yaml",                                # no such manifest
     "python benchmarks/bench_quality.py --minutez 3",                      # misspelt script option
     "make all",                                                            # a program nobody checks
+    "tensorboard --log-dir ~/ckf_runs/ckf-default/tensorboard",            # misspelt tensorboard flag
+    "tensorboard",                                                         # no --logdir
 ])
 def test_the_checks_reject_what_they_are_for(bad):
     import click
+    from tensorboard.plugins.base_plugin import FlagsError
 
     # ConfigError is a ValueError; click.UsageError is what Ray's CLI raises for a bad option or command
-    with pytest.raises((AssertionError, SystemExit, ValueError, click.UsageError)):
+    with pytest.raises((AssertionError, SystemExit, ValueError, click.UsageError, FlagsError)):
         for cmd in split_commands(bad):
             check_command(cmd)
 
