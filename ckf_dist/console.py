@@ -9,6 +9,7 @@ tokens/s, ETA) redrawn in place under the other lines; otherwise one line per ``
 """
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import sys
@@ -207,6 +208,7 @@ class SinkPump:
                  on_tick: Optional[Callable[[bool], None]] = None):
         self.sink, self.console, self.interval, self.on_tick = sink, console, interval, on_tick
         self.seen_any = False
+        self._tick_failed = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ckf-console", daemon=True)
 
@@ -227,8 +229,10 @@ class SinkPump:
             if self.on_tick is not None:
                 try:
                     self.on_tick(self.seen_any)
-                except Exception:  # noqa: BLE001
-                    pass
+                except Exception:  # noqa: BLE001 - the console must never break training; say it once, go on
+                    if not self._tick_failed:
+                        self._tick_failed = True
+                        logging.getLogger("ckf_dist.console").warning("console tick failed", exc_info=True)
 
     def start(self) -> "SinkPump":
         self._thread.start()

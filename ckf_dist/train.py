@@ -105,12 +105,9 @@ def _quiet_driver(verbose: bool) -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if getattr(handler, "name", "") == "console":
             handler.setLevel(logging.WARNING)
-    try:
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
+    hf_logging.disable_progress_bar()
 
 
 def _log_dir() -> str:
