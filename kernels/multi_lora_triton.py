@@ -49,6 +49,16 @@ _AUTOTUNE = (not _INTERPRET) and os.environ.get("CKF_LORA_AUTOTUNE", "1") != "0"
 
 MAX_TASKS = 16
 MAX_RANK = 64
+# Tests set this to True: every buffer a kernel is meant to write in full is then allocated filled with NaN
+# instead of left uninitialised, so a tile the kernels forget to write shows up as NaN in the result.
+POISON_OUTPUTS = False
+
+
+def _empty(*shape, dtype, device):
+    """torch.empty, or a NaN-filled buffer when ``POISON_OUTPUTS`` (tests)."""
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(*shape, dtype=dtype, device=device)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -405,6 +415,20 @@ def _launch_shrink(x, h, seg, shrink: _CatOperand, r0, r1, num_tasks):
         INPUT_PRECISION=_input_precision(x.dtype), **meta)
 
 
+def _seg_outer_meta(dtype: torch.dtype, n_rows: int, c_dim: int) -> dict:
+    """Block sizes and row chunk of the segment-wise reductions."""
+    if _INTERPRET:
+        # CHUNK = 2 * BLOCK_L so the tests cover both several chunks per segment and a loop inside a chunk.
+        return dict(BLOCK_L=16, BLOCK_C=32, CHUNK=32)
+    meta = dict(BLOCK_L=64, BLOCK_C=64, num_warps=4, num_stages=3)
+    # Aim at ~1024 programs: enough to fill an H100 even when one task owns every row, while keeping the
+    # number of fp32 atomics (programs x BLOCK_C x R) negligible next to reading P once.
+    n_col = triton.cdiv(c_dim, meta["BLOCK_C"])
+    row_programs = max(1, 1024 // n_col)
+    meta["CHUNK"] = min(4096, max(meta["BLOCK_L"], triton.next_power_of_2(triton.cdiv(n_rows, row_programs))))
+    return meta
+
+
 def _launch_seg_outer(p, q, seg, out_shared, os_strides, out_task, ot_strides, r0, r1, num_tasks,
                       shared_scale, task_scale):
     """Accumulates the shared [C, r0] and task [T, C, r1] adapter gradients (fp32 buffers, zero-filled)."""
@@ -412,16 +436,7 @@ def _launch_seg_outer(p, q, seg, out_shared, os_strides, out_task, ot_strides, r
     if n_rows == 0:
         return
     has_task = r1 > 0
-    if _INTERPRET:
-        # CHUNK = 2 * BLOCK_L so the tests cover both several chunks per segment and a loop inside a chunk.
-        meta = dict(BLOCK_L=16, BLOCK_C=32, CHUNK=32)
-    else:
-        meta = dict(BLOCK_L=64, BLOCK_C=64, num_warps=4, num_stages=3)
-        # Aim at ~1024 programs: enough to fill an H100 even when one task owns every row, while keeping the
-        # number of fp32 atomics (programs x BLOCK_C x R) negligible next to reading P once.
-        n_col = triton.cdiv(c_dim, meta["BLOCK_C"])
-        row_programs = max(1, 1024 // n_col)
-        meta["CHUNK"] = min(4096, max(meta["BLOCK_L"], triton.next_power_of_2(triton.cdiv(n_rows, row_programs))))
+    meta = _seg_outer_meta(p.dtype, n_rows, c_dim)
     grid = (triton.cdiv(n_rows, meta["CHUNK"]) + (num_tasks if has_task else 0), triton.cdiv(c_dim, meta["BLOCK_C"]))
     dummy = q
     _seg_outer_kernel[grid](
@@ -476,8 +491,8 @@ class MultiLoRALinearFn(torch.autograd.Function):
         seg = seg_offsets if seg_offsets is not None else x2
         a_op = _CatOperand(shared_a, task_a, j_dim=0, dummy=x2)
         b_op = _CatOperand(shared_b, task_b, j_dim=1, dummy=x2)
-        y = torch.empty(dims.n_rows, dims.d_out, dtype=x.dtype, device=x.device)
-        h = torch.empty(dims.n_rows, dims.r_pad, dtype=x.dtype, device=x.device)
+        y = _empty(dims.n_rows, dims.d_out, dtype=x.dtype, device=x.device)
+        h = _empty(dims.n_rows, dims.r_pad, dtype=x.dtype, device=x.device)
         fuse = _should_fuse(lx2 is not None, fuse_shrink, dims.r_pad, dims.d_out)
         if dims.n_rows > 0:
             if not fuse:
@@ -514,10 +529,10 @@ class MultiLoRALinearFn(torch.autograd.Function):
 
         dx = dlx = None
         # g = dY [B_0, B_t] ([N, R_PAD]): the shrink of the backward, feeds dX's LoRA term and dA.
-        g = torch.empty(dims.n_rows, dims.r_pad, dtype=dy2.dtype, device=dy2.device)
+        g = _empty(dims.n_rows, dims.r_pad, dtype=dy2.dtype, device=dy2.device)
         if need_dx or need_dlx:
-            dx = torch.empty(dims.n_rows, dims.d_in, dtype=dy2.dtype, device=dy2.device)
-            dlx = torch.empty_like(dx) if ctx.has_lora_x else None
+            dx = _empty(dims.n_rows, dims.d_in, dtype=dy2.dtype, device=dy2.device)
+            dlx = _empty(dims.n_rows, dims.d_in, dtype=dy2.dtype, device=dy2.device) if ctx.has_lora_x else None
             fuse = _should_fuse(False, ctx.fuse_shrink, dims.r_pad, dims.d_in)
             if dims.n_rows > 0:
                 if not fuse:

@@ -57,6 +57,10 @@ INTERP_CASES = {  # name: (counts, d_in, d_out, r, r0, lora_x, fuse_shrink)
     "rank_1": ([6, 11], 20, 18, 1, 1, False, None),
     "rank_64_plus_64": ([5, 12], 18, 20, 64, 64, False, False),
     "sixteen_tasks": ([3, 0, 0, 1, 0, 2, 0, 0, 4, 0, 0, 0, 1, 0, 0, 5], 17, 19, 2, 2, False, True),
+    # 70 rows > the interpreter's CHUNK (32): three row chunks of one task add into the same adapter gradient
+    # through the fp32 atomics, and the shared gradient sums chunks of two tasks.
+    "long_segment": ([70, 0, 5], 20, 24, 4, 2, False, None),
+    "long_segment_lora_x": ([3, 66], 18, 21, 3, 3, True, None),
 }
 
 
@@ -67,7 +71,7 @@ def test_triton_matches_reference_fp32(kt, name):
     check_against_reference(kt, case, tol=1e-5 if not HAS_CUDA else 2e-5, fuse_shrink=fuse)
 
 
-@pytest.mark.parametrize("name", ["mixed_fused", "mixed_separate_shrink", "empty_segments", "lora_x"])
+@pytest.mark.parametrize("name", ["mixed_fused", "mixed_separate_shrink", "empty_segments", "lora_x", "long_segment"])
 def test_triton_matches_reference_fp16(kt, name):
     counts, d_in, d_out, r, r0, lx, fuse = INTERP_CASES[name]
     case = kt.Case(counts, d_in, d_out, r, r0, dtype=torch.float16, device=DEVICE, lora_x=lx)
@@ -96,6 +100,78 @@ def test_triton_param_grad_rows_matches_per_row_oracle_fp32(kt, name, pattern):
     for k in ("x", "lora_x"):
         if k in g:
             kt.close(g[k], g_plain[k], rtol=1e-6, atol=1e-6, name=f"d{k} (every row, routing or not)")
+
+
+def test_long_segment_really_spans_several_chunks():
+    """The long_segment cases above only test the multi-chunk atomic path if a segment exceeds the CHUNK the
+    interpreter launcher uses; guard that assumption."""
+    from ckf_dist.kernels import multi_lora_triton as mlt
+
+    chunk = mlt._seg_outer_meta(torch.float32, n_rows=75, c_dim=24)["CHUNK"]
+    assert max(INTERP_CASES["long_segment"][0]) > 2 * chunk
+    assert max(INTERP_CASES["long_segment_lora_x"][0]) > 2 * chunk
+
+
+def _strided(t: torch.Tensor, how: str) -> torch.Tensor:
+    """A non-contiguous view holding t's values: "cols" = every other column of a wider buffer, "t" = the
+    transpose of a transposed contiguous copy (column-major storage)."""
+    if how == "cols":
+        buf = torch.full((*t.shape[:-1], 2 * t.shape[-1]), float("nan"), dtype=t.dtype, device=t.device)
+        buf[..., ::2] = t.detach()
+        view = buf[..., ::2]
+    else:
+        view = t.detach().transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not view.is_contiguous() and torch.equal(view, t.detach())
+    return view.requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_triton_noncontiguous_views_fp32(kt, fuse):
+    """x, lora_x, W, the adapters and dY as strided views (never copied to contiguous by the launchers):
+    same values, same results as the reference on contiguous tensors."""
+    case = kt.Case([9, 0, 35], 19, 23, 3, 2, device=DEVICE, lora_x=not fuse)
+    x = _strided(case.x, "cols")
+    w = _strided(case.weight, "t")
+    sa, sb = _strided(case.shared_a, "t"), _strided(case.shared_b, "cols")
+    ta, tb = _strided(case.task_a, "cols"), _strided(case.task_b, "t")
+    lx = _strided(case.lora_x, "t") if case.lora_x is not None else None
+    dy = case.dy[:1].expand(case.dy.shape)  # stride 0 over rows, as autograd hands out for a broadcast loss
+    leaves = [t for t in (x, sa, sb, ta, tb, lx) if t is not None]
+    y = multi_lora_linear_triton(x, w, case.bias, sa, sb, ta, tb, case.seg, case.shared_scale, case.task_scale,
+                                 lora_x=lx, fuse_shrink=fuse)
+    got = torch.autograd.grad(y, leaves, dy)
+    ref_leaves = [t.detach().double().contiguous().requires_grad_() for t in leaves]
+    rx, rsa, rsb, rta, rtb = ref_leaves[:5]
+    rlx = ref_leaves[5] if lx is not None else None
+    y64 = multi_lora_linear_reference(rx, w.double(), case.bias.double(), rsa, rsb, rta, rtb, case.seg,
+                                      case.shared_scale, case.task_scale, lora_x=rlx)
+    want = torch.autograd.grad(y64, ref_leaves, dy.double())
+    tol = 1e-5 if not HAS_CUDA else 2e-5
+    kt.close(y, y64, rtol=tol, atol=tol, name="y")
+    for name, a, b in zip(("dx", "dA0", "dB0", "dA", "dB", "dlora_x"), got, want):
+        kt.close(a, b, rtol=tol, atol=tol, name=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("fuse", [True, False])
+def test_lora_delta_alone_matches_reference_delta(kt, dtype, fuse):
+    """The LoRA term checked on its own: with a zero base weight and no bias the output *is* the LoRA delta, so
+    a low-precision check of y is not dominated by the base term (as it is with x W^T in y). Also in fp32 with
+    the base weight on: (y - x W^T - b) against the float64 reference delta."""
+    case = kt.Case([13, 0, 40], 24, 20, 4, 3, dtype=dtype, device=DEVICE, bias=False)
+    case.weight = torch.zeros_like(case.weight)
+    tol = {torch.float32: 1e-5, torch.float16: 1e-2}[dtype]
+    check_against_reference(kt, case, tol=tol, fuse_shrink=fuse)
+    if dtype == torch.float32:
+        case = kt.Case([13, 0, 40], 24, 20, 4, 3, dtype=dtype, device=DEVICE, scales=(0.02, 0.01))
+        base = torch.nn.functional.linear(case.x.double(), case.weight.double(), case.bias.double())
+        delta = multi_lora_linear_triton(*case.args(), fuse_shrink=fuse).double() - base
+        delta64 = multi_lora_linear_reference(*case.args(lambda t: t.double())) - base
+        assert kt.rel_err(delta64, 0 * delta64) > 0  # the delta is not zero: the check below means something
+        err = kt.rel_err(delta, delta64)
+        # Output rounding of y (|y| eps) bounds how well the delta can be recovered from y in fp32.
+        bound = 4 * torch.finfo(dtype).eps * base.abs().max().item() / delta64.abs().max().item() + 1e-5
+        assert kt.within(err, bound), (err, bound)
 
 
 def test_triton_param_grad_rows_through_dispatch_and_3d_input(kt):
@@ -232,11 +308,18 @@ def test_autotuned_path_gpu():
         "sa, sb = torch.randn(16, 1024, device=d, dtype=torch.bfloat16) / 32, torch.randn(1536, 16, device=d, dtype=torch.bfloat16)\n"
         "ta, tb = torch.randn(T, 16, 1024, device=d, dtype=torch.bfloat16) / 32, torch.randn(T, 1536, 16, device=d, dtype=torch.bfloat16)\n"
         "args = (x, w, None, sa, sb, ta, tb, seg, 2.0, 4.0)\n"
+        "leaves = [x, sa, sb, ta, tb]\n"
+        "for t in leaves: t.requires_grad_()\n"
+        "dy = torch.randn(3000, 1536, device=d, dtype=torch.bfloat16)\n"
+        "args64 = [a.detach().double().requires_grad_(a.requires_grad) if torch.is_tensor(a) and a.is_floating_point() else a for a in args]\n"
+        "ref = multi_lora_linear_reference(*args64)\n"
+        "want = torch.autograd.grad(ref, [args64[i] for i in (0, 3, 4, 5, 6)], dy.double())\n"
         "for fuse in (None, True, False):\n"
-        "    y = multi_lora_linear_triton(*args, fuse_shrink=fuse).float()\n"
-        "    ref = multi_lora_linear_reference(*[a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args])\n"
-        "    err = max_rel_err(y, ref)  # inf on NaN/inf\n"
-        "    assert within_tol(err, 4e-2), err\n"
+        "    y = multi_lora_linear_triton(*args, fuse_shrink=fuse)\n"
+        "    got = torch.autograd.grad(y, leaves, dy)\n"
+        "    for name, a, b in zip(('y', 'dx', 'dA0', 'dB0', 'dA', 'dB'), (y,) + got, (ref,) + want):\n"
+        "        err = max_rel_err(a, b)  # inf on NaN/inf\n"
+        "        assert within_tol(err, 4e-2), (fuse, name, err)\n"
         "print('ok')\n"
     )
     env = dict(os.environ, CKF_LORA_AUTOTUNE="1")
