@@ -41,6 +41,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .reference import check_segment_offsets
+
 # The interpreter (CPU tests) is decided when ``@triton.jit`` runs, i.e. at import of this module.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Autotuning benchmarks configs on the device; under the interpreter that needs a custom do_bench and costs
@@ -65,12 +67,12 @@ def _empty(*shape, dtype, device):
 # jit helpers
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _segment_tile(pid_m, seg_ptr, n_rows, NUM_TASKS: tl.constexpr, HAS_TASK: tl.constexpr, BLOCK: tl.constexpr):
+def _segment_tile(pid_m, seg_ptr, n_rows, NUM_TASKS: tl.constexpr, HAS_TASK: tl.constexpr, BLOCK):
     """Maps row-tile id ``pid_m`` to (task, row_start, row_end) with tiles never crossing a segment.
 
     Tiles are numbered task by task: task t owns ``cdiv(len_t, BLOCK)`` consecutive ids. ``task == -1`` marks a
     surplus program (the grid is sized by the bound ``cdiv(N, BLOCK) + T``). Without task adapters the rows
-    are one segment [0, n_rows).
+    are one segment [0, n_rows). ``BLOCK`` may be a runtime value (the reductions' row chunk).
     """
     if HAS_TASK:
         task = pid_m * 0 - 1
@@ -124,6 +126,18 @@ def _load_cat(shared_ptr, s_sj, s_so, task_ptr, t_sj, t_so, j, o, o_mask,
 # kernels
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
+def _dropout_keep(seed, rows64, cols, width, p):
+    """LoRA-dropout keep mask of the [rows, cols] tile: Philox ``tl.rand(seed, row * width + col) >= p``.
+
+    The offset is the element's logical index in the [N, width] LoRA input (never its memory address), so the
+    shrink (forward), the dX epilogue and the dA pass (backward) regenerate the same mask from (seed, p) alone,
+    and ``dropout_keep_mask`` reproduces it for the reference. int64 offsets: N * width can exceed 2**31.
+    """
+    offs = rows64[:, None] * width + cols[None, :]
+    return tl.rand(seed, offs) >= p
+
+
+@triton.jit
 def _multi_lora_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, out2_ptr, h_ptr, seg_ptr,
     # shrink operand S[j, k] (only read with FUSE_SHRINK): shared piece, task piece
@@ -133,18 +147,21 @@ def _multi_lora_gemm_kernel(
     n_rows, K, C,
     stride_xm, stride_xk, stride_wk, stride_wc, stride_om, stride_oc, stride_o2m, stride_o2c,
     stride_hm, stride_hj,
-    shared_scale, task_scale,
+    shared_scale, task_scale, drop_seed, drop_p, n_bucket,
     NUM_TASKS: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, R_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr, STORE_H: tl.constexpr, SPLIT_OUT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    ACCUMULATE: tl.constexpr, EPI_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``out[n, c] = sum_k x[n, k] Wt[k, c] + sum_j (scale_j h[n, j]) E_t[j, c] (+ bias[c])``.
 
     Shapes: x [N, K]; Wt [K, C] (given by strides: W^T in the forward, W in the backward); h [N, R_PAD]
-    (written here when FUSE_SHRINK and STORE_H, read otherwise); out (and out2) [N, C]; E_t = [E_0; E_t]
-    [R0 + R1, C]. SPLIT_OUT writes the LoRA term to out2 instead of adding it (backward with a separate
-    ``lora_x``: dX and d(lora_x) are two autograd outputs).
+    (written here when FUSE_SHRINK and STORE_H, read otherwise; fp32 or the activation dtype); out (and out2)
+    [N, C]; E_t = [E_0; E_t] [R0 + R1, C]. SPLIT_OUT writes the LoRA term to out2 instead of adding it
+    (backward with a separate ``lora_x``). ACCUMULATE skips the K loop and adds the LoRA term to ``out`` in
+    place (the "side" path: ``out`` already holds cuBLAS's x W^T + b). EPI_DROPOUT multiplies the LoRA term by
+    the dropout keep mask / (1 - p) (backward: d x_l -> d x through the dropout). ``n_bucket`` is unused by the
+    kernel: it only separates token-count buckets in the autotuner's key.
     """
     dt = x_ptr.dtype.element_ty
 
@@ -171,22 +188,29 @@ def _multi_lora_gemm_kernel(
     col_mask = cols < C
     offs_k = tl.arange(0, BLOCK_K)
     offs_j = tl.arange(0, R_PAD)
+    out_ptrs = out_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_oc
+    out_mask = row_mask[:, None] & col_mask[None, :]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    st_task_ptr = st_ptr + task * st_st
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs_k
-        k_mask = k < K
-        xt = tl.load(x_ptr + rows64[:, None] * stride_xm + k[None, :] * stride_xk,
-                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        wt = tl.load(w_ptr + k[:, None] * stride_wk + cols[None, :] * stride_wc,
-                     mask=k_mask[:, None] & col_mask[None, :], other=0.0).to(dt)
-        acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION)
-        if FUSE_SHRINK:
-            # The x tile is already in registers: the shrink costs R_PAD extra MMA columns, no extra load of x.
-            s_tile = _load_cat(ss_ptr, ss_sj, ss_sk, st_task_ptr, st_sj, st_sk, offs_j, k, k_mask, R0, R1, False)
-            h = tl.dot(xt, s_tile.to(dt), h, input_precision=INPUT_PRECISION)
+    if ACCUMULATE:
+        if not SPLIT_OUT:
+            acc = tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    else:
+        st_task_ptr = st_ptr + task * st_st
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            k_mask = k < K
+            xt = tl.load(x_ptr + rows64[:, None] * stride_xm + k[None, :] * stride_xk,
+                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            wt = tl.load(w_ptr + k[:, None] * stride_wk + cols[None, :] * stride_wc,
+                         mask=k_mask[:, None] & col_mask[None, :], other=0.0).to(dt)
+            acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION)
+            if FUSE_SHRINK:
+                # The x tile is already in registers: the shrink costs R_PAD extra MMA columns, no extra load of x.
+                s_tile = _load_cat(ss_ptr, ss_sj, ss_sk, st_task_ptr, st_sj, st_sk, offs_j, k, k_mask, R0, R1,
+                                   False)
+                h = tl.dot(xt, s_tile.to(dt), h, input_precision=INPUT_PRECISION)
 
     h_mask = row_mask[:, None] & (offs_j[None, :] < R_PAD)
     h_ptrs = h_ptr + rows64[:, None] * stride_hm + offs_j[None, :] * stride_hj
@@ -205,15 +229,18 @@ def _multi_lora_gemm_kernel(
         e_tile = _load_cat(es_ptr, es_sj, es_sc, et_ptr + task * et_st, et_sj, et_sc, offs_j, cols, col_mask,
                            R0, R1, True)
         lora = tl.dot(hs, e_tile.to(dt), input_precision=INPUT_PRECISION)
+        if EPI_DROPOUT:
+            keep = _dropout_keep(drop_seed, rows64, cols, C, drop_p)
+            lora = tl.where(keep, lora * (1.0 / (1.0 - drop_p)), 0.0)
         if SPLIT_OUT:
             tl.store(out2_ptr + rows64[:, None] * stride_o2m + cols[None, :] * stride_o2c,
-                     lora.to(out2_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+                     lora.to(out2_ptr.dtype.element_ty), mask=out_mask)
         else:
             acc += lora
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_oc,
-             acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+    if not (ACCUMULATE and SPLIT_OUT):  # accumulate + split: out already final (cuBLAS), nothing to add
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -221,14 +248,15 @@ def _shrink_kernel(
     x_ptr, h_ptr, seg_ptr,
     ss_ptr, ss_sj, ss_sk, st_ptr, st_st, st_sj, st_sk,
     n_rows, K,
-    stride_xm, stride_xk, stride_hm, stride_hj,
-    NUM_TASKS: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, R_PAD: tl.constexpr,
+    stride_xm, stride_xk, stride_hm, stride_hj, drop_seed, drop_p,
+    NUM_TASKS: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, R_PAD: tl.constexpr, DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """``h[n, :] = x[n, :] @ S_t^T`` for the task t of row n; x [N, K], S_t = [S_0; S_t] [R0 + R1, K], h [N, R_PAD].
+    """``h[n, :] = x_l[n, :] @ S_t^T`` for the task t of row n; x [N, K], S_t = [S_0; S_t] [R0 + R1, K], h [N, R_PAD].
 
-    Bandwidth-bound (one pass over x); used when the shrink input differs from the GEMM input (``lora_x``) or
-    when fusing it into a wide GEMM would cost more MMA work than this extra pass.
+    Bandwidth-bound (one pass over x); used when the shrink input differs from the GEMM input (``lora_x`` or
+    dropout) or when fusing it into a wide GEMM would cost more MMA work than this extra pass. DROPOUT:
+    ``x_l = x * keep / (1 - p)`` with the Philox keep mask generated on the fly (no dropped copy of x).
     """
     dt = x_ptr.dtype.element_ty
     task, row_start, row_end = _segment_tile(tl.program_id(0), seg_ptr, n_rows, NUM_TASKS, R1 > 0, BLOCK_M)
@@ -246,6 +274,9 @@ def _shrink_kernel(
         k_mask = k < K
         xt = tl.load(x_ptr + rows64[:, None] * stride_xm + k[None, :] * stride_xk,
                      mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if DROPOUT:
+            keep = _dropout_keep(drop_seed, rows64, k, K, drop_p)
+            xt = tl.where(keep, xt.to(tl.float32) * (1.0 / (1.0 - drop_p)), 0.0).to(dt)
         s_tile = _load_cat(ss_ptr, ss_sj, ss_sk, st_task_ptr, st_sj, st_sk, offs_j, k, k_mask, R0, R1, False)
         h = tl.dot(xt, s_tile.to(dt), h, input_precision=INPUT_PRECISION)
     tl.store(h_ptr + rows64[:, None] * stride_hm + offs_j[None, :] * stride_hj, h.to(h_ptr.dtype.element_ty),
@@ -253,26 +284,99 @@ def _shrink_kernel(
 
 
 @triton.jit
-def _seg_outer_kernel(
-    p_ptr, q_ptr, seg_ptr, os_ptr, ot_ptr,
-    n_rows, C,
-    stride_pm, stride_pc, stride_qm, stride_qj,
+def _atomic_add_cat(os_ptr, ot_ptr, task, cols, col_mask, offs_j, acc, os_sc, os_sj, ot_st, ot_sc, ot_sj,
+                    R0: tl.constexpr, R1: tl.constexpr):
+    """Adds ``acc [len(cols), R_PAD]`` (concatenated rank) into the shared [C, R0] / task [T, C, R1] fp32 buffers.
+
+    Relaxed atomics: the sums need atomicity, not ordering with other memory operations (no fence per add)."""
+    jj = offs_j[None, :]
+    if R0 > 0:
+        tl.atomic_add(os_ptr + cols[:, None] * os_sc + jj * os_sj, acc,
+                      mask=col_mask[:, None] & (jj < R0), sem="relaxed")
+    if R1 > 0:
+        tl.atomic_add(ot_ptr + task * ot_st + cols[:, None] * ot_sc + (jj - R0) * ot_sj, acc,
+                      mask=col_mask[:, None] & (jj >= R0) & (jj < R0 + R1), sem="relaxed")
+
+
+@triton.jit
+def _dy_pass_kernel(
+    dy_ptr, h_ptr, keep_ptr, seg_ptr, g_ptr, os_ptr, ot_ptr,
+    # B operand B_cat[c, j]: shared piece [C, R0], task piece [T, C, R1]
+    bs_ptr, bs_sj, bs_sc, bt_ptr, bt_st, bt_sj, bt_sc,
+    n_rows, C, chunk,
+    stride_dm, stride_dc, stride_hm, stride_hj, stride_gm, stride_gj,
     os_sc, os_sj, ot_st, ot_sc, ot_sj,
     shared_scale, task_scale,
     NUM_TASKS: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, R_PAD: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+    DO_G: tl.constexpr, DO_DB: tl.constexpr, HAS_KEEP: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Segment-wise ``G_t[c, j] = scale_j * sum_{n in seg t} P[n, c] Q[n, j]`` (fp32 atomics into the outputs).
+    """One pass over dY for both rank-sized backward products of a task segment:
 
-    P [N, C] (dY for dB, x_l for dA), Q [N, R_PAD] (h for dB, g = dY B_cat for dA). The shared columns
-    (j < R0) sum over all rows into os [C, R0]; the task columns into ot [T, C, R1] (layouts via strides,
-    so dA [r, d_in] is written transposed in place). One program = one row chunk of one task x BLOCK_C columns.
+    * ``g[n, :] += dY[n, cols] B_cat[cols, :]`` (fp32 atomics: the column tiles of a row add up), and
+    * ``dB_t[cols, j] += s_j sum_n dY[n, cols] h[n, j] keep[n]`` (fp32 atomics over row chunks).
+
+    One program = one row chunk (``chunk`` rows, a runtime value: a new token count does not recompile) of one
+    task x BLOCK_C columns; the dY tile is loaded once and feeds both dots.
     """
-    dt = p_ptr.dtype.element_ty
-    task, row_start, seg_end = _segment_tile(tl.program_id(0), seg_ptr, n_rows, NUM_TASKS, R1 > 0, CHUNK)
+    dt = dy_ptr.dtype.element_ty
+    task, row_start, seg_end = _segment_tile(tl.program_id(0), seg_ptr, n_rows, NUM_TASKS, R1 > 0, chunk)
     if task < 0:
         return
-    row_end = tl.minimum(seg_end, row_start + CHUNK)
+    row_end = tl.minimum(seg_end, row_start + chunk)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    offs_l = tl.arange(0, BLOCK_L)
+    offs_j = tl.arange(0, R_PAD)
+    b_tile = _load_cat(bs_ptr, bs_sj, bs_sc, bt_ptr + task * bt_st, bt_sj, bt_sc, offs_j, cols, col_mask,
+                       R0, R1, False).to(dt)  # [BLOCK_C, R_PAD]
+    acc = tl.zeros((BLOCK_C, R_PAD), dtype=tl.float32)
+    for i in range(0, tl.cdiv(row_end - row_start, BLOCK_L)):
+        rows = row_start + i * BLOCK_L + offs_l
+        row_mask = rows < row_end
+        rows64 = rows.to(tl.int64)
+        dyt = tl.load(dy_ptr + rows64[:, None] * stride_dm + cols[None, :] * stride_dc,
+                      mask=row_mask[:, None] & col_mask[None, :], other=0.0)  # [BLOCK_L, BLOCK_C]
+        if DO_G:
+            gp = tl.dot(dyt, b_tile, input_precision=INPUT_PRECISION)  # [BLOCK_L, R_PAD]
+            tl.atomic_add(g_ptr + rows64[:, None] * stride_gm + offs_j[None, :] * stride_gj, gp,
+                          mask=row_mask[:, None], sem="relaxed")
+        if DO_DB:
+            ht = tl.load(h_ptr + rows64[:, None] * stride_hm + offs_j[None, :] * stride_hj,
+                         mask=row_mask[:, None], other=0.0)
+            if HAS_KEEP:  # gradient routing: rows that must not train the adapters add nothing to dB
+                kp = tl.load(keep_ptr + rows64, mask=row_mask, other=0)
+                ht = tl.where(kp[:, None] != 0, ht, 0.0)
+            acc = tl.dot(tl.trans(dyt), ht.to(dt), acc, input_precision=INPUT_PRECISION)
+    if DO_DB:
+        scale = tl.where(offs_j < R0, shared_scale, task_scale)
+        _atomic_add_cat(os_ptr, ot_ptr, task, cols, col_mask, offs_j, acc * scale[None, :], os_sc, os_sj,
+                        ot_st, ot_sc, ot_sj, R0, R1)
+
+
+@triton.jit
+def _seg_outer_kernel(
+    p_ptr, q_ptr, keep_ptr, seg_ptr, os_ptr, ot_ptr,
+    n_rows, C, chunk,
+    stride_pm, stride_pc, stride_qm, stride_qj,
+    os_sc, os_sj, ot_st, ot_sc, ot_sj,
+    shared_scale, task_scale, drop_seed, drop_p,
+    NUM_TASKS: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, R_PAD: tl.constexpr,
+    HAS_KEEP: tl.constexpr, DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Segment-wise ``G_t[c, j] = scale_j * sum_{n in seg t} P[n, c] Q[n, j] keep[n]`` (fp32 atomics).
+
+    Used for ``dA = s g^T x_l``: P = x ([N, d_in]; DROPOUT applies the Philox keep mask / (1 - p) on the fly,
+    so x_l is never materialised), Q = g ([N, R_PAD], fp32). The shared columns (j < R0) sum over all rows into
+    os [C, R0]; the task columns into ot [T, C, R1] (layouts via strides, so dA [r, d_in] is written transposed
+    in place). One program = one row chunk (runtime ``chunk``) of one task x BLOCK_C columns.
+    """
+    dt = p_ptr.dtype.element_ty
+    task, row_start, seg_end = _segment_tile(tl.program_id(0), seg_ptr, n_rows, NUM_TASKS, R1 > 0, chunk)
+    if task < 0:
+        return
+    row_end = tl.minimum(seg_end, row_start + chunk)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     offs_l = tl.arange(0, BLOCK_L)
@@ -282,34 +386,50 @@ def _seg_outer_kernel(
         rows = row_start + i * BLOCK_L + offs_l
         row_mask = rows < row_end
         rows64 = rows.to(tl.int64)
-        pt = tl.load(p_ptr + rows64[None, :] * stride_pm + cols[:, None] * stride_pc,
-                     mask=row_mask[None, :] & col_mask[:, None], other=0.0)  # [BLOCK_C, BLOCK_L] = P^T tile
+        pt = tl.load(p_ptr + rows64[:, None] * stride_pm + cols[None, :] * stride_pc,
+                     mask=row_mask[:, None] & col_mask[None, :], other=0.0)  # [BLOCK_L, BLOCK_C]
+        if DROPOUT:
+            keep = _dropout_keep(drop_seed, rows64, cols, C, drop_p)
+            pt = tl.where(keep, pt.to(tl.float32) * (1.0 / (1.0 - drop_p)), 0.0).to(dt)
         qt = tl.load(q_ptr + rows64[:, None] * stride_qm + offs_j[None, :] * stride_qj,
-                     mask=row_mask[:, None], other=0.0).to(dt)
-        acc = tl.dot(pt, qt, acc, input_precision=INPUT_PRECISION)
+                     mask=row_mask[:, None], other=0.0)
+        if HAS_KEEP:
+            kp = tl.load(keep_ptr + rows64, mask=row_mask, other=0)
+            qt = tl.where(kp[:, None] != 0, qt, 0.0)
+        acc = tl.dot(tl.trans(pt), qt.to(dt), acc, input_precision=INPUT_PRECISION)
     scale = tl.where(offs_j < R0, shared_scale, task_scale)
-    acc = acc * scale[None, :]
-    jj = offs_j[None, :]
-    if R0 > 0:
-        tl.atomic_add(os_ptr + cols[:, None] * os_sc + jj * os_sj, acc,
-                      mask=col_mask[:, None] & (jj < R0))
-    if R1 > 0:
-        tl.atomic_add(ot_ptr + task * ot_st + cols[:, None] * ot_sc + (jj - R0) * ot_sj, acc,
-                      mask=col_mask[:, None] & (jj >= R0) & (jj < R0 + R1))
+    _atomic_add_cat(os_ptr, ot_ptr, task, cols, col_mask, offs_j, acc * scale[None, :], os_sc, os_sj,
+                    ot_st, ot_sc, ot_sj, R0, R1)
+
+
+@triton.jit
+def _dropout_mask_kernel(out_ptr, n_rows, C, drop_seed, drop_p, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out [N, C] uint8 = the keep mask the kernels use for (seed, p): for the reference and the tests."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows64 = rows.to(tl.int64)
+    keep = _dropout_keep(drop_seed, rows64, cols, C, drop_p)
+    tl.store(out_ptr + rows64[:, None] * C + cols[None, :], keep.to(tl.uint8),
+             mask=(rows[:, None] < n_rows) & (cols[None, :] < C))
 
 
 # GPU only: a few configs around the H100 sweet spot. Configs that exceed shared memory or registers are
-# dropped by the autotuner (it times them as inf). The key has no N, so a new token count does not retune.
+# dropped by the autotuner (it times them as inf). The key separates the forward (stride_wk == 1: x W^T) and
+# backward (dY W) operand layouts, the in-place "side" epilogue, and token-count buckets (n_bucket: powers of
+# two), so a new token count inside a bucket does not retune. ``restore_value``: the in-place ACCUMULATE
+# variant must not add the LoRA term once per timed config.
 _GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
 ]
+_GEMM_KEY = ["K", "C", "R_PAD", "FUSE_SHRINK", "SPLIT_OUT", "ACCUMULATE", "EPI_DROPOUT", "stride_wk", "n_bucket"]
 if _AUTOTUNE:
-    _multi_lora_gemm = triton.autotune(configs=_GEMM_CONFIGS, key=["K", "C", "R_PAD", "FUSE_SHRINK", "SPLIT_OUT"])(
+    _multi_lora_gemm = triton.autotune(configs=_GEMM_CONFIGS, key=_GEMM_KEY, restore_value=["out_ptr"])(
         _multi_lora_gemm_kernel)
 else:
     _multi_lora_gemm = _multi_lora_gemm_kernel
@@ -327,6 +447,11 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 def _rank_pad(r0: int, r1: int) -> int:
     return max(16, triton.next_power_of_2(max(1, r0 + r1)))
+
+
+def _n_bucket(n_rows: int) -> int:
+    """Token-count bucket of the autotune key: the next power of two, clamped to [1024, 2**17]."""
+    return min(1 << 17, max(1024, triton.next_power_of_2(max(1, n_rows))))
 
 
 class _CatOperand:
@@ -353,6 +478,20 @@ class _CatOperand:
         return (self.s_ptr, self.s_sj, self.s_so, self.t_ptr, self.t_st, self.t_sj, self.t_so)
 
 
+class _Dropout:
+    """LoRA dropout done inside the kernels: probability ``p`` and the Philox ``seed`` of this call."""
+
+    def __init__(self, p: float = 0.0, seed: int = 0):
+        self.p, self.seed = float(p), int(seed)
+
+    @property
+    def on(self) -> bool:
+        return self.p > 0.0
+
+
+_NO_DROPOUT = _Dropout()
+
+
 def _gemm_meta(dtype: torch.dtype) -> dict:
     """Block sizes when not autotuning (interpreter, or CKF_LORA_AUTOTUNE=0)."""
     if _INTERPRET:
@@ -363,15 +502,18 @@ def _gemm_meta(dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def _launch_gemm(x, wt_strides, weight, bias, out, out2, h, seg, shrink: _CatOperand, expand: _CatOperand,
-                 r0, r1, num_tasks, shared_scale, task_scale, fuse_shrink, store_h):
-    """out = x @ Wt (+ LoRA epilogue) (+ bias). x [N, K], out [N, C]; Wt strides ``wt_strides`` over ``weight``."""
+def _launch_gemm(x, wt_strides, weight, bias, out, out2, h, seg, shrink: Optional[_CatOperand],
+                 expand: _CatOperand, r0, r1, num_tasks, shared_scale, task_scale, fuse_shrink, store_h,
+                 accumulate=False, epi_dropout: _Dropout = _NO_DROPOUT):
+    """out = x @ Wt (+ LoRA epilogue) (+ bias). x [N, K], out [N, C]; Wt strides ``wt_strides`` over ``weight``.
+    ``accumulate``: no GEMM, ``out += LoRA term`` in place (out holds cuBLAS's result)."""
     n_rows, k_dim = x.shape
     c_dim = out.shape[1]
     r_pad = h.shape[1]
     has_task = r1 > 0
     extra_tiles = num_tasks if has_task else 0
     dummy = out
+    shrink = shrink if shrink is not None else expand  # only read with FUSE_SHRINK
 
     def grid(meta):
         return ((triton.cdiv(n_rows, meta["BLOCK_M"]) + extra_tiles) * triton.cdiv(c_dim, meta["BLOCK_N"]),)
@@ -385,11 +527,12 @@ def _launch_gemm(x, wt_strides, weight, bias, out, out2, h, seg, shrink: _CatOpe
         x.stride(0), x.stride(1), wt_strides[0], wt_strides[1], out.stride(0), out.stride(1),
         out2.stride(0) if out2 is not None else 0, out2.stride(1) if out2 is not None else 0,
         h.stride(0), h.stride(1), float(shared_scale), float(task_scale),
+        epi_dropout.seed, epi_dropout.p, _n_bucket(n_rows),
     )
     consts = dict(
         NUM_TASKS=num_tasks if has_task else 1, R0=r0, R1=r1, R_PAD=r_pad, HAS_BIAS=bias is not None,
         FUSE_SHRINK=bool(fuse_shrink), STORE_H=bool(store_h), SPLIT_OUT=out2 is not None,
-        INPUT_PRECISION=_input_precision(x.dtype),
+        ACCUMULATE=bool(accumulate), EPI_DROPOUT=epi_dropout.on, INPUT_PRECISION=_input_precision(x.dtype),
     )
     if _AUTOTUNE:
         _multi_lora_gemm[grid](*args, *strides, **consts)
@@ -398,8 +541,8 @@ def _launch_gemm(x, wt_strides, weight, bias, out, out2, h, seg, shrink: _CatOpe
         _multi_lora_gemm_kernel[grid(meta)](*args, *strides, **consts, **meta)
 
 
-def _launch_shrink(x, h, seg, shrink: _CatOperand, r0, r1, num_tasks):
-    """h[N, R_PAD] = per-row-task shrink of x [N, K] (pad columns come out 0)."""
+def _launch_shrink(x, h, seg, shrink: _CatOperand, r0, r1, num_tasks, dropout: _Dropout = _NO_DROPOUT):
+    """h[N, R_PAD] = per-row-task shrink of x_l [N, K] (pad columns come out 0)."""
     n_rows, k_dim = x.shape
     if n_rows == 0:
         return
@@ -411,55 +554,101 @@ def _launch_shrink(x, h, seg, shrink: _CatOperand, r0, r1, num_tasks):
     grid = (triton.cdiv(n_rows, meta["BLOCK_M"]) + (num_tasks if has_task else 0),)
     _shrink_kernel[grid](
         x, h, seg, *shrink.kernel_args(), n_rows, k_dim, x.stride(0), x.stride(1), h.stride(0), h.stride(1),
-        NUM_TASKS=num_tasks if has_task else 1, R0=r0, R1=r1, R_PAD=h.shape[1],
+        dropout.seed, dropout.p,
+        NUM_TASKS=num_tasks if has_task else 1, R0=r0, R1=r1, R_PAD=h.shape[1], DROPOUT=dropout.on,
         INPUT_PRECISION=_input_precision(x.dtype), **meta)
 
 
 def _seg_outer_meta(dtype: torch.dtype, n_rows: int, c_dim: int) -> dict:
-    """Block sizes and row chunk of the segment-wise reductions."""
+    """Block sizes and the row chunk (``CHUNK``, a runtime kernel argument) of the segment-wise reductions."""
     if _INTERPRET:
         # CHUNK = 2 * BLOCK_L so the tests cover both several chunks per segment and a loop inside a chunk.
         return dict(BLOCK_L=16, BLOCK_C=32, CHUNK=32)
-    meta = dict(BLOCK_L=64, BLOCK_C=64, num_warps=4, num_stages=3)
+    meta = dict(BLOCK_L=64, BLOCK_C=128 if dtype != torch.float32 else 64, num_warps=4, num_stages=3)
     # Aim at ~1024 programs: enough to fill an H100 even when one task owns every row, while keeping the
-    # number of fp32 atomics (programs x BLOCK_C x R) negligible next to reading P once.
+    # number of fp32 atomics (programs x BLOCK_C x R) small next to reading P once.
     n_col = triton.cdiv(c_dim, meta["BLOCK_C"])
     row_programs = max(1, 1024 // n_col)
-    meta["CHUNK"] = min(4096, max(meta["BLOCK_L"], triton.next_power_of_2(triton.cdiv(n_rows, row_programs))))
+    meta["CHUNK"] = min(4096, max(meta["BLOCK_L"], triton.next_power_of_2(triton.cdiv(max(n_rows, 1), row_programs))))
     return meta
 
 
-def _launch_seg_outer(p, q, seg, out_shared, os_strides, out_task, ot_strides, r0, r1, num_tasks,
-                      shared_scale, task_scale):
+def _split_meta(meta: dict):
+    chunk = meta["CHUNK"]
+    return chunk, {k: v for k, v in meta.items() if k != "CHUNK"}
+
+
+def _launch_dy_pass(dy, h, keep, seg, g, b_op: _CatOperand, out_shared, os_strides, out_task, ot_strides,
+                    r0, r1, num_tasks, shared_scale, task_scale):
+    """g [N, R_PAD] fp32 (zero-filled) += dY B_cat and dB (fp32 buffers, zero-filled) += s dY^T (h keep), in one
+    pass over dY [N, d_out]. ``g`` None: dB only; ``out_shared`` and ``out_task`` None: g only."""
+    n_rows, c_dim = dy.shape
+    if n_rows == 0:
+        return
+    has_task = r1 > 0
+    chunk, meta = _split_meta(_seg_outer_meta(dy.dtype, n_rows, c_dim))
+    grid = (triton.cdiv(n_rows, chunk) + (num_tasks if has_task else 0), triton.cdiv(c_dim, meta["BLOCK_C"]))
+    do_db = out_shared is not None or out_task is not None
+    dummy = h
+    _dy_pass_kernel[grid](
+        dy, h, keep if keep is not None else dummy, seg, g if g is not None else dummy,
+        out_shared if out_shared is not None else dummy, out_task if out_task is not None else dummy,
+        *b_op.kernel_args(), n_rows, c_dim, chunk,
+        dy.stride(0), dy.stride(1), h.stride(0), h.stride(1),
+        g.stride(0) if g is not None else 0, g.stride(1) if g is not None else 0,
+        *os_strides, *ot_strides, float(shared_scale), float(task_scale),
+        NUM_TASKS=num_tasks if has_task else 1, R0=r0, R1=r1, R_PAD=h.shape[1],
+        DO_G=g is not None, DO_DB=do_db, HAS_KEEP=keep is not None,
+        INPUT_PRECISION=_input_precision(dy.dtype), **meta)
+
+
+def _launch_seg_outer(p, q, keep, seg, out_shared, os_strides, out_task, ot_strides, r0, r1, num_tasks,
+                      shared_scale, task_scale, dropout: _Dropout = _NO_DROPOUT):
     """Accumulates the shared [C, r0] and task [T, C, r1] adapter gradients (fp32 buffers, zero-filled)."""
     n_rows, c_dim = p.shape
     if n_rows == 0:
         return
     has_task = r1 > 0
-    meta = _seg_outer_meta(p.dtype, n_rows, c_dim)
-    grid = (triton.cdiv(n_rows, meta["CHUNK"]) + (num_tasks if has_task else 0), triton.cdiv(c_dim, meta["BLOCK_C"]))
+    chunk, meta = _split_meta(_seg_outer_meta(p.dtype, n_rows, c_dim))
+    grid = (triton.cdiv(n_rows, chunk) + (num_tasks if has_task else 0), triton.cdiv(c_dim, meta["BLOCK_C"]))
     dummy = q
     _seg_outer_kernel[grid](
-        p, q, seg, out_shared if out_shared is not None else dummy, out_task if out_task is not None else dummy,
-        n_rows, c_dim, p.stride(0), p.stride(1), q.stride(0), q.stride(1), *os_strides, *ot_strides,
-        float(shared_scale), float(task_scale),
-        NUM_TASKS=num_tasks if has_task else 1, R0=r0, R1=r1, R_PAD=q.shape[1],
-        INPUT_PRECISION=_input_precision(p.dtype), **meta)
+        p, q, keep if keep is not None else dummy, seg,
+        out_shared if out_shared is not None else dummy, out_task if out_task is not None else dummy,
+        n_rows, c_dim, chunk, p.stride(0), p.stride(1), q.stride(0), q.stride(1), *os_strides, *ot_strides,
+        float(shared_scale), float(task_scale), dropout.seed, dropout.p,
+        NUM_TASKS=num_tasks if has_task else 1, R0=r0, R1=r1, R_PAD=q.shape[1], HAS_KEEP=keep is not None,
+        DROPOUT=dropout.on, INPUT_PRECISION=_input_precision(p.dtype), **meta)
+
+
+def dropout_keep_mask(seed: int, n_rows: int, width: int, p: float, device) -> torch.Tensor:
+    """[n_rows, width] bool: the LoRA-dropout keep mask the kernels generate for (seed, p). The reference fed
+    ``lora_x = x * mask / (1 - p)`` reproduces the fused-dropout path exactly (tests, debugging)."""
+    out = torch.empty(n_rows, width, dtype=torch.uint8, device=device)
+    if out.numel():
+        grid = (triton.cdiv(n_rows, 16), triton.cdiv(width, 32))
+        _dropout_mask_kernel[grid](out, n_rows, width, int(seed), float(p), BLOCK_M=16, BLOCK_C=32)
+    return out.bool()
+
+
+# Fused shrink only for outputs this narrow (unless a measured win table says otherwise): fusing adds
+# R_PAD / BLOCK_N MMA work to every column tile of a compute-bound GEMM, and the compiled K loop then waits on
+# both wgmma chains each iteration; a separate pass costs one read of x (~270 / d_out of the GEMM on an H100).
+FUSE_MAX_WIDTH = 512
 
 
 def _should_fuse(separate_lora_input: bool, fuse_shrink: Optional[bool], r_pad: int, c_dim: int) -> bool:
-    """Fuse the shrink into the GEMM's K loop, or run it as a separate pass over the input?
+    """Fuse the forward shrink into the GEMM's K loop, or run it as a separate pass over the input?
 
-    Fusing adds ``R_PAD / BLOCK_N`` MMA work to the (compute-bound) GEMM; a separate pass re-reads the input
-    once (bandwidth-bound), about ``~270 / C`` of the GEMM time on an H100 (989 TFLOPs / 3.35 TB/s, bf16).
-    With BLOCK_N = 128 the break-even is ``R_PAD * C ~ 32768``: fuse for narrow outputs or tiny ranks.
-    ``fuse_shrink`` overrides the heuristic (the benchmark times both).
+    Never with a separate LoRA input (``lora_x`` or dropout: the GEMM's x is not the shrink's input).
+    ``fuse_shrink`` overrides the rule (the benchmark times both); otherwise fuse only for ``d_out <=
+    FUSE_MAX_WIDTH`` (the old ``R_PAD * d_out <= 32768`` rule fused d=2048 r8 at its threshold: +12.5% MMA).
     """
     if separate_lora_input:
         return False
     if fuse_shrink is not None:
         return bool(fuse_shrink)
-    return r_pad * c_dim <= 32768
+    return c_dim <= FUSE_MAX_WIDTH
 
 
 class _Dims:
@@ -477,33 +666,48 @@ class _Dims:
 # ----------------------------------------------------------------------------------------------------------
 # autograd.Function
 # ----------------------------------------------------------------------------------------------------------
+BASES = ("triton", "cublas")
+
+
 class MultiLoRALinearFn(torch.autograd.Function):
-    """Autograd wrapper: forward = 1 fused GEMM (+1 shrink pass), backward = 1 fused GEMM (+1 shrink pass)
-    + 2 segment-wise reductions. Saves only the LoRA input, ``h = x_l [A_0; A_t]^T`` ([N, R_PAD]) and the
-    parameters (never y)."""
+    """Autograd wrapper. Passes over [N, d] tensors beyond the two base GEMMs (P = one pass):
+
+    * forward: the shrink (fused into the GEMM: 0 P; else one pass over x: 1 P), the expand in the GEMM
+      epilogue (``base="triton"``) or added in place to cuBLAS's output (``base="cublas"``: +2 P, read + write y);
+    * backward: one pass over dY for both g = dY B_cat and dB (1 P), the LoRA term of dX in the dX GEMM's
+      epilogue (cuBLAS base: +2 P), one pass over x for dA (1 P).
+    LoRA dropout (``dropout_p``) is regenerated by Philox in the shrink, the dX epilogue and the dA pass: no
+    dropped copy of x, no separate d(lora_x). Saves the LoRA input, ``h`` ([N, R_PAD]) and the parameters.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, shared_a, shared_b, task_a, task_b, seg_offsets, shared_scale, task_scale,
-                lora_x=None, fuse_shrink=None, param_grad_rows=None):
+                lora_x=None, fuse_shrink=None, param_grad_rows=None, dropout_p=0.0, dropout_seed=0, base="triton"):
         x2 = x.reshape(-1, x.shape[-1])
         lx2 = lora_x.reshape(-1, lora_x.shape[-1]) if lora_x is not None else None
         dims = _Dims(x2, weight, shared_a, task_a)
+        drop = _Dropout(dropout_p, dropout_seed)
         seg = seg_offsets if seg_offsets is not None else x2
         a_op = _CatOperand(shared_a, task_a, j_dim=0, dummy=x2)
         b_op = _CatOperand(shared_b, task_b, j_dim=1, dummy=x2)
-        y = _empty(dims.n_rows, dims.d_out, dtype=x.dtype, device=x.device)
         h = _empty(dims.n_rows, dims.r_pad, dtype=x.dtype, device=x.device)
-        fuse = _should_fuse(lx2 is not None, fuse_shrink, dims.r_pad, dims.d_out)
+        fuse = base == "triton" and _should_fuse(lx2 is not None or drop.on, fuse_shrink, dims.r_pad, dims.d_out)
+        if base == "cublas":
+            y = F.linear(x2, weight, bias)
+        else:
+            y = _empty(dims.n_rows, dims.d_out, dtype=x.dtype, device=x.device)
         if dims.n_rows > 0:
             if not fuse:
-                _launch_shrink(lx2 if lx2 is not None else x2, h, seg, a_op, dims.r0, dims.r1, dims.num_tasks)
+                _launch_shrink(lx2 if lx2 is not None else x2, h, seg, a_op, dims.r0, dims.r1, dims.num_tasks, drop)
             # y = x W^T: Wt[k, c] = W[c, k]
-            _launch_gemm(x2, (weight.stride(1), weight.stride(0)), weight, bias, y, None, h, seg, a_op, b_op,
-                         dims.r0, dims.r1, dims.num_tasks, shared_scale, task_scale, fuse, store_h=True)
+            _launch_gemm(x2, (weight.stride(1), weight.stride(0)), weight, None if base == "cublas" else bias,
+                         y, None, h, seg, a_op, b_op, dims.r0, dims.r1, dims.num_tasks, shared_scale, task_scale,
+                         fuse, store_h=True, accumulate=base == "cublas")
         ctx.dims = dims
         ctx.scales = (shared_scale, task_scale)
-        ctx.fuse_shrink = fuse_shrink
         ctx.has_lora_x = lora_x is not None
+        ctx.drop = drop
+        ctx.base = base
         ctx.x_shape, ctx.lora_x_shape = x.shape, (lora_x.shape if lora_x is not None else None)
         lora_in = lx2 if lx2 is not None else x2
         x_for_dw = x2 if weight.requires_grad else None
@@ -522,51 +726,53 @@ class MultiLoRALinearFn(torch.autograd.Function):
         need_da = need[3] or need[5]
         need_dbb = need[4] or need[6]
         dy2 = dy.reshape(-1, dims.d_out)
+        dev = dy2.device
         seg = seg_offsets if seg_offsets is not None else dy2
         a_op = _CatOperand(shared_a, task_a, j_dim=0, dummy=dy2)
         b_op = _CatOperand(shared_b, task_b, j_dim=1, dummy=dy2)
         lora_args = (dims.r0, dims.r1, dims.num_tasks)
+        # Gradient routing: rows with keep == 0 add nothing to dA/dB (their dX stays complete); applied to the
+        # rank-sized factors inside the kernels.
+        keep = grad_rows.reshape(-1).to(torch.uint8) if grad_rows is not None else None
 
-        dx = dlx = None
-        # g = dY [B_0, B_t] ([N, R_PAD]): the shrink of the backward, feeds dX's LoRA term and dA.
-        g = _empty(dims.n_rows, dims.r_pad, dtype=dy2.dtype, device=dy2.device)
-        if need_dx or need_dlx:
-            dx = _empty(dims.n_rows, dims.d_in, dtype=dy2.dtype, device=dy2.device)
-            dlx = _empty(dims.n_rows, dims.d_in, dtype=dy2.dtype, device=dy2.device) if ctx.has_lora_x else None
-            fuse = _should_fuse(False, ctx.fuse_shrink, dims.r_pad, dims.d_in)
-            if dims.n_rows > 0:
-                if not fuse:
-                    _launch_shrink(dy2, g, seg, b_op, *lora_args)
-                # dX = dY W (+ s g A_cat, or into dlx when the LoRA input is a separate tensor): Wt[k, c] = W[k, c]
-                _launch_gemm(dy2, (weight.stride(0), weight.stride(1)), weight, None, dx, dlx, g, seg, b_op, a_op,
-                             *lora_args, shared_scale, task_scale, fuse, store_h=need_da)
-        elif need_da:
-            _launch_shrink(dy2, g, seg, b_op, *lora_args)
-
-        d_sa = d_sb = d_ta = d_tb = None
-        if grad_rows is not None and (need_dbb or need_da):
-            # Gradient routing: rows with grad_rows False add nothing to dA/dB (their dX above is complete).
-            # Masking the rank-sized factors h and g ([N, R_PAD]) costs ~2 R_PAD/d of one pass over dY.
-            keep = grad_rows.reshape(-1, 1).to(h.dtype)
-            h, g = h * keep, g * keep
+        # One pass over dY: g = dY [B_0, B_t] ([N, R_PAD], fp32, feeds dX's LoRA term and dA) and dB.
+        need_g = need_dx or need_dlx or need_da
+        g = torch.zeros(dims.n_rows, dims.r_pad, dtype=torch.float32, device=dev) if need_g else None
+        db0 = dbt = None
         if need_dbb:
             # dB[c, j] = s_j sum_n dY[n, c] h[n, j]  (B is [d_out, r]: natural layout)
-            buf0 = torch.zeros(dims.d_out, dims.r0, dtype=torch.float32, device=dy2.device) if dims.r0 else None
-            buft = (torch.zeros(dims.num_tasks, dims.d_out, dims.r1, dtype=torch.float32, device=dy2.device)
-                    if dims.r1 else None)
-            _launch_seg_outer(dy2, h, seg, buf0, (dims.r0, 1), buft, (dims.d_out * dims.r1, dims.r1, 1),
-                              *lora_args, shared_scale, task_scale)
-            d_sb = buf0.to(shared_b.dtype) if buf0 is not None and need[4] else None
-            d_tb = buft.to(task_b.dtype) if buft is not None and need[6] else None
+            db0 = torch.zeros(dims.d_out, dims.r0, dtype=torch.float32, device=dev) if dims.r0 else None
+            dbt = (torch.zeros(dims.num_tasks, dims.d_out, dims.r1, dtype=torch.float32, device=dev)
+                   if dims.r1 else None)
+        if need_g or need_dbb:
+            _launch_dy_pass(dy2, h, keep, seg, g, b_op, db0, (dims.r0, 1), dbt, (dims.d_out * dims.r1, dims.r1, 1),
+                            *lora_args, shared_scale, task_scale)
+
+        dx = dlx = None
+        if need_dx or need_dlx:
+            dlx = _empty(dims.n_rows, dims.d_in, dtype=dy2.dtype, device=dev) if ctx.has_lora_x else None
+            if ctx.base == "cublas":
+                dx = dy2 @ weight.to(dy2.dtype)
+            else:
+                dx = _empty(dims.n_rows, dims.d_in, dtype=dy2.dtype, device=dev)
+            if dims.n_rows > 0:
+                # dX = dY W (+ s g A_cat [* dropout keep / (1 - p)], or into dlx for a separate lora_x).
+                _launch_gemm(dy2, (weight.stride(0), weight.stride(1)), weight, None, dx, dlx, g, seg, None, a_op,
+                             *lora_args, shared_scale, task_scale, False, store_h=False,
+                             accumulate=ctx.base == "cublas", epi_dropout=ctx.drop)
+
+        d_sa = d_ta = None
         if need_da:
             # dA[j, c] = s_j sum_n g[n, j] x_l[n, c]  (A is [r, d_in]: written transposed via strides)
-            buf0 = torch.zeros(dims.r0, dims.d_in, dtype=torch.float32, device=dy2.device) if dims.r0 else None
-            buft = (torch.zeros(dims.num_tasks, dims.r1, dims.d_in, dtype=torch.float32, device=dy2.device)
-                    if dims.r1 else None)
-            _launch_seg_outer(lora_in, g, seg, buf0, (1, dims.d_in), buft, (dims.r1 * dims.d_in, 1, dims.d_in),
-                              *lora_args, shared_scale, task_scale)
-            d_sa = buf0.to(shared_a.dtype) if buf0 is not None and need[3] else None
-            d_ta = buft.to(task_a.dtype) if buft is not None and need[5] else None
+            da0 = torch.zeros(dims.r0, dims.d_in, dtype=torch.float32, device=dev) if dims.r0 else None
+            dat = (torch.zeros(dims.num_tasks, dims.r1, dims.d_in, dtype=torch.float32, device=dev)
+                   if dims.r1 else None)
+            _launch_seg_outer(lora_in, g, keep, seg, da0, (1, dims.d_in), dat, (dims.r1 * dims.d_in, 1, dims.d_in),
+                              *lora_args, shared_scale, task_scale, dropout=ctx.drop)
+            d_sa = da0.to(shared_a.dtype) if da0 is not None and need[3] else None
+            d_ta = dat.to(task_a.dtype) if dat is not None and need[5] else None
+        d_sb = db0.to(shared_b.dtype) if db0 is not None and need[4] else None
+        d_tb = dbt.to(task_b.dtype) if dbt is not None and need[6] else None
 
         # Frozen base weight is the design point; these torch fallbacks only keep autograd honest otherwise.
         d_w = (dy2.t().to(x_for_dw.dtype) @ x_for_dw).to(weight.dtype) if need_dw else None
@@ -575,7 +781,7 @@ class MultiLoRALinearFn(torch.autograd.Function):
             dx = dx.reshape(ctx.x_shape) if need_dx else None
         if dlx is not None:
             dlx = dlx.reshape(ctx.lora_x_shape) if need_dlx else None
-        return dx, d_w, d_bias, d_sa, d_sb, d_ta, d_tb, None, None, None, dlx, None, None
+        return (dx, d_w, d_bias, d_sa, d_sb, d_ta, d_tb, None, None, None, dlx, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -583,7 +789,8 @@ class MultiLoRALinearFn(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------
 def multi_lora_linear_triton(x, weight, bias, shared_a, shared_b, task_a, task_b, seg_offsets,
                              shared_scale: float, task_scale: float, lora_x=None, fuse_shrink: Optional[bool] = None,
-                             param_grad_rows=None):
+                             param_grad_rows=None, lora_dropout: float = 0.0, dropout_seed: Optional[int] = None,
+                             base: str = "triton", check_segments: bool = True):
     """Fused Triton multi-task LoRA linear; same maths, shapes and arguments as ``multi_lora_linear_reference``.
 
     Shapes: x, lora_x [..., d_in] (rows sorted by task); weight [d_out, d_in]; bias [d_out] | None;
@@ -591,6 +798,12 @@ def multi_lora_linear_triton(x, weight, bias, shared_a, shared_b, task_a, task_b
     seg_offsets [T + 1] integer tensor on x's device (never read on the host). Returns [..., d_out].
     ``fuse_shrink``: None = heuristic, True/False force the shrink into / out of the GEMM (benchmarking).
     ``param_grad_rows``: [N] bool or None, rows whose adapter parameter gradients count (see the reference).
+    ``lora_dropout``: LoRA dropout probability applied inside the kernels (Philox keep mask from
+    ``dropout_seed``; None draws a seed from torch's CPU generator, so checkpoint recomputation replays it);
+    the result equals the reference fed ``lora_x = x * dropout_keep_mask(seed, N, d_in, p) / (1 - p)``.
+    ``base``: "triton" = the base GEMM in Triton with the LoRA expand in its epilogue; "cublas" = cuBLAS for
+    x W^T / dY W and the LoRA terms added by the side kernels (the safe fallback of ``impl="auto"``).
+    ``check_segments``: validate seg_offsets against the row count (``check_segment_offsets``; no host sync).
     """
     if (shared_a is None) != (shared_b is None) or (task_a is None) != (task_b is None):
         raise ValueError("an adapter needs both its A and its B (or neither)")
@@ -599,11 +812,21 @@ def multi_lora_linear_triton(x, weight, bias, shared_a, shared_b, task_a, task_b
                            "importing ckf_dist.kernels.multi_lora_triton); use impl='torch' on CPU")
     if shared_a is None and task_a is None:
         return F.linear(x, weight, bias)
+    if base not in BASES:
+        raise ValueError(f"base={base!r} is not one of {BASES}")
     if task_a is not None:
         if seg_offsets is None or seg_offsets.shape != (task_a.shape[0] + 1,):
             raise ValueError(f"seg_offsets must have shape [T + 1] = [{task_a.shape[0] + 1}]")
         if seg_offsets.device != x.device:
             raise ValueError("seg_offsets must live on x's device (no host sync in the hot path)")
+        if check_segments:
+            check_segment_offsets(seg_offsets, x.numel() // x.shape[-1])
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+    if lora_dropout > 0 and lora_x is not None:
+        raise ValueError("pass either lora_x (dropout done outside) or lora_dropout (fused), not both")
+    if lora_dropout > 0 and dropout_seed is None:
+        dropout_seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item())  # CPU generator: no device sync
     r_total = (shared_a.shape[0] if shared_a is not None else 0) + (task_a.shape[1] if task_a is not None else 0)
     if r_total > 2 * MAX_RANK:
         raise ValueError(f"shared + task rank {r_total} > {2 * MAX_RANK} is not supported by these kernels")
@@ -612,7 +835,8 @@ def multi_lora_linear_triton(x, weight, bias, shared_a, shared_b, task_a, task_b
     if param_grad_rows is not None and param_grad_rows.numel() != x.numel() // x.shape[-1]:
         raise ValueError(f"param_grad_rows has {param_grad_rows.numel()} entries for {x.numel() // x.shape[-1]} rows")
     return MultiLoRALinearFn.apply(x, weight, bias, shared_a, shared_b, task_a, task_b, seg_offsets,
-                                   float(shared_scale), float(task_scale), lora_x, fuse_shrink, param_grad_rows)
+                                   float(shared_scale), float(task_scale), lora_x, fuse_shrink, param_grad_rows,
+                                   float(lora_dropout), int(dropout_seed or 0), base)
 
 
 class MultiLoRALinear(torch.nn.Module):
@@ -649,9 +873,9 @@ class MultiLoRALinear(torch.nn.Module):
     def forward(self, x: torch.Tensor, seg_offsets: torch.Tensor) -> torch.Tensor:
         from . import multi_lora_linear  # the package-level dispatch (torch reference on CPU)
 
-        lora_x = self.dropout(x) if (self.dropout is not None and self.training) else None
+        p = self.dropout.p if (self.dropout is not None and self.training) else 0.0
         return multi_lora_linear(x, self.weight, self.bias, self.shared_a, self.shared_b, self.task_a, self.task_b,
-                                 seg_offsets, self.shared_scale, self.task_scale, lora_x=lora_x, impl=self.impl)
+                                 seg_offsets, self.shared_scale, self.task_scale, lora_dropout=p, impl=self.impl)
 
 
-__all__ = ["multi_lora_linear_triton", "MultiLoRALinearFn", "MultiLoRALinear"]
+__all__ = ["multi_lora_linear_triton", "MultiLoRALinearFn", "MultiLoRALinear", "dropout_keep_mask"]
