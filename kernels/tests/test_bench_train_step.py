@@ -101,7 +101,7 @@ def test_1b_step_all_variants_gpu(tmp_path):
     """The real 1.1B shape in bf16: every variant runs and the first-step losses/gradients agree."""
     result = bench.main(["--warmup", "1", "--steps", "2", "--json", str(tmp_path / "step.json")])
     assert result["llm_params"] > 1_000_000_000
-    assert set(result["variants"]) == {"index_loop", "torch", "triton"}
+    assert set(result["variants"]) == {"index_loop", "torch", "triton", "side"}
     for v in result["variants"].values():
         assert "error" not in v, v
     # bf16 through 22 layers: loose bounds (the index loop, torch and triton round differently).

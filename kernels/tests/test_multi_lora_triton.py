@@ -233,6 +233,46 @@ def test_uncovered_rows_raise(kt):
              rtol=1e-5, atol=1e-5, name="y")
 
 
+_AUTOTUNE_CPU_CODE = """
+import torch
+from ckf_dist.kernels import multi_lora_linear_reference, segment_offsets
+from ckf_dist.kernels import multi_lora_triton as mlt
+from ckf_dist.testing import max_rel_err, within_tol
+assert mlt._AUTOTUNE and mlt._INTERPRET
+mlt.POISON_OUTPUTS = True
+g = torch.Generator().manual_seed(0)
+T, n, d_in, d_out = 3, 41, 24, 40
+seg = segment_offsets(torch.repeat_interleave(torch.arange(T), torch.tensor([9, 0, 32])), T)
+mk = lambda *s, sc=1.0: (torch.randn(*s, generator=g) * sc).requires_grad_()
+x, sa, sb, ta, tb = mk(n, d_in), mk(3, d_in, sc=0.2), mk(d_out, 3), mk(T, 2, d_in, sc=0.2), mk(T, d_out, 2)
+w, dy = torch.randn(d_out, d_in, generator=g) * 0.2, torch.randn(n, d_out, generator=g)
+leaves = [x, sa, sb, ta, tb]
+args64 = [t.detach().double().requires_grad_() for t in leaves]
+ref = multi_lora_linear_reference(args64[0], w.double(), None, *args64[1:], seg, 2.0, 0.5)
+want = torch.autograd.grad(ref, args64, dy.double())
+for kw in (dict(base="triton", fuse_shrink=True), dict(base="triton", fuse_shrink=False), dict(base="cublas")):
+    y = mlt.multi_lora_linear_triton(x, w, None, sa, sb, ta, tb, seg, 2.0, 0.5, **kw)
+    got = torch.autograd.grad(y, leaves, dy)
+    for name, a, b in zip(("y", "dx", "dA0", "dB0", "dA", "dB"), (y,) + got, (ref,) + want):
+        assert within_tol(max_rel_err(a, b), 1e-5), (kw, name, max_rel_err(a, b))
+keys = list(mlt._multi_lora_gemm.cache)
+# forward (stride_wk == 1) and backward (stride_wk == d_in) layouts and the in-place side epilogue tuned apart
+assert len(keys) == 5, keys
+assert all(c.kwargs["BLOCK_M"] == 32 for c in mlt._multi_lora_gemm.cache.values())
+print("ok", len(keys))
+"""
+
+
+def test_autotuned_path_forward_backward_cpu():
+    """The autotuned launcher (the GPU default) under the interpreter, forward and backward, for the fused,
+    separate and side (in-place ACCUMULATE: restore_value must undo the timed runs) variants; the autotuner
+    keeps separate entries per layout and variant and uses the config it picked."""
+    env = dict(os.environ, CKF_LORA_AUTOTUNE="1", TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", _AUTOTUNE_CPU_CODE], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+
+
 def test_triton_param_grad_rows_through_dispatch_and_3d_input(kt):
     """impl='triton' with a [B, S] mask for [B, S, d] input equals the torch reference on the flattened rows."""
     case = kt.Case([6, 10], 21, 17, 3, 2, device=DEVICE)
@@ -284,6 +324,34 @@ def test_dispatch_and_module(kt):
     layer.impl = "torch"
     kt.close(y, layer(x, case.seg), rtol=1e-5, atol=1e-5, name="module y")
     assert not layer.weight.requires_grad and layer.task_a.shape == (3, 2, 19)
+    kt.close(multi_lora_linear(*case.args(), impl="side"), multi_lora_linear_reference(*case.args()),
+             rtol=1e-5, atol=1e-5, name="y (impl=side)")
+
+
+def test_module_training_dropout_is_fused_and_replayable(kt):
+    """The module in training mode hands its dropout probability to the kernels; the Philox seed comes from
+    torch's CPU generator, so reseeding replays the same mask (what checkpoint recomputation relies on)."""
+    case = kt.Case([5, 11], 16, 12, 2, 2, device=DEVICE)
+    torch.manual_seed(3)
+    layer = MultiLoRALinear(16, 12, num_tasks=2, task_rank=2, shared_rank=2, lora_dropout=0.25, impl="triton")
+    with torch.no_grad():
+        layer.shared_b.normal_()
+        layer.task_b.normal_()
+    layer.to(DEVICE).train()
+    x = case.x.detach()
+    torch.manual_seed(7)
+    y = layer(x, case.seg)
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
+    keep = dropout_keep_mask(seed, 16, 16, 0.25, DEVICE)
+    ref = multi_lora_linear_reference(x, layer.weight, None, layer.shared_a, layer.shared_b, layer.task_a,
+                                      layer.task_b, case.seg, layer.shared_scale, layer.task_scale,
+                                      lora_x=x * keep / 0.75)
+    assert kt.within(kt.rel_err(y, ref), 1e-6), "module y with fused dropout"
+    layer.eval()
+    assert kt.within(kt.rel_err(layer(x, case.seg), multi_lora_linear_reference(
+        x, layer.weight, None, layer.shared_a, layer.shared_b, layer.task_a, layer.task_b, case.seg,
+        layer.shared_scale, layer.task_scale)), 1e-6), "module y in eval (no dropout)"
 
 
 def test_argument_errors(kt):
@@ -321,12 +389,50 @@ GPU_SHAPES = [  # (counts, d_in, d_out, r, r0)
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", range(len(GPU_SHAPES)))
-@pytest.mark.parametrize("variant", ["auto", "fused", "separate", "lora_x"])
+@pytest.mark.parametrize("variant", ["auto", "fused", "separate", "lora_x", "side", "side_lora_x"])
 def test_triton_gpu_grid(kt, dtype, shape, variant):
     counts, d_in, d_out, r, r0 = GPU_SHAPES[shape]
-    case = kt.Case(counts, d_in, d_out, r, r0, dtype=dtype, device="cuda", lora_x=variant == "lora_x")
-    fuse = {"auto": None, "fused": True, "separate": False, "lora_x": None}[variant]
-    check_against_reference(kt, case, tol=GPU_TOL[dtype], fuse_shrink=fuse)
+    case = kt.Case(counts, d_in, d_out, r, r0, dtype=dtype, device="cuda", lora_x=variant.endswith("lora_x"))
+    fuse = {"fused": True, "separate": False}.get(variant)
+    check_against_reference(kt, case, tol=GPU_TOL[dtype], fuse_shrink=fuse,
+                            base="cublas" if variant.startswith("side") else "triton")
+
+
+BENCH_SHAPES = [  # the four shapes of bench_multi_lora: (tokens, d_in, d_out, r, T); shared rank = r
+    (16384, 4096, 4096, 16, 4), (16384, 2048, 2048, 8, 4), (16384, 4096, 4096, 16, 8), (16384, 4096, 11008, 16, 4),
+]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", range(len(BENCH_SHAPES)))
+@pytest.mark.parametrize("base", ["triton", "cublas"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_benchmark_shapes_gpu(kt, dtype, shape, base, dropout):
+    """The benchmark's shapes at full size, both bases, with and without fused dropout, against the float64
+    reference (fed the kernels' Philox mask); uneven task sizes with one empty task."""
+    tokens, d_in, d_out, r, T = BENCH_SHAPES[shape]
+    counts = [tokens // 2, tokens // 4, 0] + [0] * (T - 4) + [tokens - tokens // 2 - tokens // 4]
+    case = kt.Case(counts, d_in, d_out, r, r, dtype=dtype, device="cuda")
+    seed = 99
+    if dropout:
+        keep = dropout_keep_mask(seed, tokens, d_in, dropout, "cuda")
+
+        def ref(x, *args, lora_x=None, param_grad_rows=None):
+            return multi_lora_linear_reference(x, *args, lora_x=x * keep.to(x.dtype) / (1 - dropout))
+    else:
+        ref = multi_lora_linear_reference
+    y, g = kt.run(multi_lora_linear_triton, case, base=base, lora_dropout=dropout, dropout_seed=seed)
+    y64, g64 = kt.run(ref, case, cast=lambda t: t.double())
+    errs = {"y": kt.rel_err(y, y64)} | {k: kt.rel_err(g[k], g64[k]) for k in g64}
+    # The LoRA delta alone (y - x W^T - b), relative to the delta: the y check is dominated by the base term.
+    base64 = torch.nn.functional.linear(case.x.double(), case.weight.double(), case.bias.double())
+    errs["delta"] = kt.rel_err(y.double() - base64, y64 - base64)
+    tol = GPU_TOL[dtype]
+    bound = {"delta": tol + 4 * torch.finfo(dtype).eps * base64.abs().max().item() / (y64 - base64).abs().max().item()}
+    bad = {k: e for k, e in errs.items() if not kt.within(e, bound.get(k, tol))}
+    assert not bad, (bad, bound)
 
 
 @gpu
@@ -346,13 +452,17 @@ def test_triton_param_grad_rows_gpu_bf16(kt, shape):
 def test_no_host_sync_in_forward_backward(kt):
     """seg_offsets stays on the device: the Triton path must not synchronise with the host."""
     case = kt.Case([500, 0, 300], 512, 768, 16, 16, dtype=torch.bfloat16, device="cuda")
-    kt.run(multi_lora_linear_triton, case)  # compile first
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        kt.run(multi_lora_linear_triton, case)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    mask = kt.grad_rows(800, "mixed", device="cuda")
+    for kw in (dict(), dict(base="cublas"), dict(lora_dropout=0.1), dict(base="cublas", lora_dropout=0.1),
+               dict(param_grad_rows=mask)):
+        kt.run(multi_lora_linear_triton, case, **kw)  # compile first
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            kt.run(multi_lora_linear_triton, case, **kw)  # seg_offsets check included (async assert)
+            kt.run(multi_lora_linear, case, impl="auto", **{k: v for k, v in kw.items() if k != "base"})
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 @gpu
@@ -377,8 +487,8 @@ def test_autotuned_path_gpu():
         "args64 = [a.detach().double().requires_grad_(a.requires_grad) if torch.is_tensor(a) and a.is_floating_point() else a for a in args]\n"
         "ref = multi_lora_linear_reference(*args64)\n"
         "want = torch.autograd.grad(ref, [args64[i] for i in (0, 3, 4, 5, 6)], dy.double())\n"
-        "for fuse in (None, True, False):\n"
-        "    y = multi_lora_linear_triton(*args, fuse_shrink=fuse)\n"
+        "for fuse, base in ((None, 'triton'), (True, 'triton'), (False, 'triton'), (None, 'cublas')):\n"
+        "    y = multi_lora_linear_triton(*args, fuse_shrink=fuse, base=base)\n"
         "    got = torch.autograd.grad(y, leaves, dy)\n"
         "    for name, a, b in zip(('y', 'dx', 'dA0', 'dB0', 'dA', 'dB'), (y,) + got, (ref,) + want):\n"
         "        err = max_rel_err(a, b)  # inf on NaN/inf\n"
