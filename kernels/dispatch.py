@@ -120,20 +120,3 @@ def write_win_table(bench_json_path: str, out_path: str) -> list[dict]:
                 f'``bench_multi_lora --json``; {json.dumps(meta, sort_keys=True)}). Do not edit by hand."""\n'
                 "WIN_TABLE = [\n" + (body + ",\n" if body else "") + "]\n")
     return table
-
-
-def main(argv=None):
-    """``python -m ckf_dist.kernels.dispatch BENCH.json [OUT.py]``: builds the win table from a benchmark run."""
-    import argparse
-    import os
-
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("bench_json", help="output of bench_multi_lora --json")
-    ap.add_argument("out", nargs="?", default=os.path.join(os.path.dirname(__file__), "win_table.py"))
-    args = ap.parse_args(argv)
-    table = write_win_table(args.bench_json, args.out)
-    print(f"{len(table)} rows -> {args.out}; fused wins in {sum(r['fused_ms'] < r['side_ms'] for r in table)}")
-
-
-if __name__ == "__main__":
-    main()

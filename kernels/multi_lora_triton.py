@@ -801,6 +801,26 @@ class MultiLoRALinearFn(torch.autograd.Function):
         return (dx, d_w, d_bias, d_sa, d_sb, d_ta, d_tb, None, None, None, dlx, None, None, None, None, None)
 
 
+def triton_base_gemm(a: torch.Tensor, weight: torch.Tensor, layout: str) -> torch.Tensor:
+    """The Triton GEMM of the fused path without any LoRA term, for the cuBLAS-parity check of the benchmark:
+    ``layout="fwd"``: a [N, d_in] @ W^T -> [N, d_out]; ``"bwd"``: a [N, d_out] @ W -> [N, d_in]."""
+    strides = (weight.stride(1), weight.stride(0)) if layout == "fwd" else (weight.stride(0), weight.stride(1))
+    c_dim = weight.shape[0] if layout == "fwd" else weight.shape[1]
+    out = _empty(a.shape[0], c_dim, dtype=a.dtype, device=a.device)
+    dummy_h = torch.zeros(1, 16, dtype=a.dtype, device=a.device)
+    none = _CatOperand(None, None, 0, dummy=a)
+    if a.shape[0]:
+        _launch_gemm(a, strides, weight, None, out, None, dummy_h, a, none, none, 0, 0, 0, 0.0, 0.0, False,
+                     store_h=False)
+    return out
+
+
+def chosen_gemm_configs() -> dict:
+    """{autotune key: chosen config as text} of the GEMM so far ({} when not autotuning)."""
+    cache = getattr(_multi_lora_gemm, "cache", None) or {}
+    return {key: str(cfg) for key, cfg in cache.items()}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------------------
@@ -895,4 +915,5 @@ class MultiLoRALinear(torch.nn.Module):
                                  seg_offsets, self.shared_scale, self.task_scale, lora_dropout=p, impl=self.impl)
 
 
-__all__ = ["multi_lora_linear_triton", "MultiLoRALinearFn", "MultiLoRALinear", "dropout_keep_mask"]
+__all__ = ["multi_lora_linear_triton", "MultiLoRALinearFn", "MultiLoRALinear", "dropout_keep_mask", "triton_base_gemm",
+           "chosen_gemm_configs"]

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from ckf_dist.kernels import dispatch, multi_lora_linear, multi_lora_linear_reference, resolve_impl
+from ckf_dist.kernels import multi_lora_linear, multi_lora_linear_reference, resolve_impl
 from ckf_dist.kernels.dispatch import SIDE, TORCH, TRITON, build_win_table, choose_impl, write_win_table
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
@@ -109,7 +109,9 @@ def test_win_table_from_benchmark_json(tmp_path):
     assert mod.WIN_TABLE == table
     assert choose_impl(**OK, table=mod.WIN_TABLE)[0] == TRITON
     assert choose_impl(**(OK | dict(n_rows=4096)), table=mod.WIN_TABLE)[0] == SIDE
-    dispatch.main([str(bench), str(tmp_path / "again.py")])
+    from ckf_dist.kernels import build_win_table as cli
+
+    cli.main([str(bench), str(tmp_path / "again.py")])
     assert (tmp_path / "again.py").read_text() == out.read_text()
 
 
