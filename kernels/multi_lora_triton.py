@@ -16,16 +16,18 @@ Design (Liger-Kernel style: jit kernel -> host launcher -> autograd.Function -> 
   ``cdiv(N, BLOCK_M) + T`` (known from shapes), surplus programs return at once, so ``seg_offsets`` never
   has to be read on the host: no device->host sync in the hot path. Empty segments own no tile.
 * **One GEMM per direction.** ``_multi_lora_gemm_kernel`` computes ``out = in @ Wt + lora`` with the LoRA
-  expand in the epilogue. The forward uses it as ``y = x W^T + (s h) B_cat^T + b``; the backward uses the very
-  same kernel as ``dX = dY W + (s g) A_cat`` with ``g = dY B_cat`` (the roles of A and B swap, only strides
-  change). With ``FUSE_SHRINK`` the shrink (``h`` or ``g``) is accumulated in the same K loop from the input
-  tile already in registers (x / dY read once); programs of column tile 0 store it for later use.
-  Otherwise a bandwidth-bound ``_shrink_kernel`` computes it first (needed when ``lora_x`` is given, and
-  cheaper for wide outputs: fusing re-does ``R_PAD / BLOCK_N`` extra MMA work per column tile).
-* **Adapter gradients.** ``dB_t = s dY_seg^T h_seg`` and ``dA_t = s (dY_seg B_t)^T x_seg = s g_seg^T x_seg`` are
-  the same segment-wise outer-product reduction, done by ``_seg_outer_kernel`` (one program per
-  (row chunk of one task, column tile), fp32 atomics into ``[T, C, r]`` / ``[C, r0]`` buffers). Row chunks
-  keep the GPU busy even when one task owns most rows; the price is non-deterministic summation order.
+  expand in the epilogue: ``y = x W^T + (s h) B_cat^T + b`` forward, ``dX = dY W + (s g) A_cat`` backward (the
+  roles of A and B swap, only strides change). ``base="cublas"`` (the side path) runs the same kernel without
+  its K loop (``ACCUMULATE``) to add the LoRA term in place to cuBLAS's result. The forward shrink is either
+  accumulated in the K loop from the x tile already in registers (narrow outputs only, ``FUSE_MAX_WIDTH``) or
+  done by the bandwidth-bound ``_shrink_kernel`` (one pass over x).
+* **One pass over dY** (``_dy_pass_kernel``): ``g = dY B_cat`` and ``dB_t = s dY_seg^T h_seg`` from one load of
+  each dY tile; then ``dA_t = s g_seg^T x_seg`` (``_seg_outer_kernel``, one pass over x). One program per (row
+  chunk of one task, column tile); relaxed fp32 atomics; the chunk is a runtime argument.
+* **LoRA dropout** is a Philox keep mask regenerated from (seed, p) in the shrink, the dX epilogue and the dA
+  pass (``_dropout_keep``): no dropped copy of x, no separate d(lora_x).
+
+See kernels/README.md for the cost model in passes and what awaits a GPU.
 
 The base weight is treated as frozen (the kernels never form dW); if it does require grad, dW (and db)
 are computed with plain torch ops as a correctness fallback.
