@@ -40,14 +40,15 @@ def resolve_impl(impl: str, x, weight, shared_a, task_a) -> str:
 
 def multi_lora_linear(x, weight, bias, shared_a, shared_b, task_a, task_b, seg_offsets,
                       shared_scale: float, task_scale: float, lora_x=None, impl: str = "auto",
-                      param_grad_rows=None, lora_dropout: float = 0.0, check_segments: bool = True):
+                      param_grad_rows=None, lora_dropout: float = 0.0, check_segments: bool = True, tiles=None):
     """See ``multi_lora_linear_reference`` for the maths and shapes; ``impl`` picks the implementation.
 
     ``lora_dropout``: LoRA dropout probability (training). The Triton paths fuse it into their kernels (Philox
     mask, no dropped copy of x); the torch path applies ``F.dropout`` to x for the LoRA input. Exclusive with
     ``lora_x``. ``check_segments``: validate seg_offsets against the row count on every call (exact on the torch
     path and for host offsets; an async device assert, no host sync, for CUDA offsets). Callers that validated
-    the offsets once per batch (``TaskSegments``) pass False.
+    the offsets once per batch (``TaskSegments``) pass False. ``tiles``: the batch's GEMM tile list
+    (``multi_lora_triton.build_tile_list``; Triton paths only, ignored by the torch path).
     """
     impl = resolve_impl(impl, x, weight, shared_a, task_a)
     if impl in (TRITON, SIDE):
@@ -56,7 +57,7 @@ def multi_lora_linear(x, weight, bias, shared_a, shared_b, task_a, task_b, seg_o
         return multi_lora_linear_triton(x, weight, bias, shared_a, shared_b, task_a, task_b, seg_offsets,
                                         shared_scale, task_scale, lora_x=lora_x, param_grad_rows=param_grad_rows,
                                         lora_dropout=lora_dropout, base="triton" if impl == TRITON else "cublas",
-                                        check_segments=check_segments)
+                                        check_segments=check_segments, tiles=tiles)
     assert impl == TORCH
     if lora_dropout > 0:
         if lora_x is not None:

@@ -14,6 +14,7 @@ Per shape, in one run (frozen base weight; x and all adapters require grad; dY f
   concat + mask        all adapters as one rank-(r0 + T r) LoRA, non-own task columns of h zeroed
   torch reference      impl="torch" (one GEMM pair per task segment; syncs the host)
   triton fused/separate the fused path (Triton base GEMM, expand in its epilogue), shrink in / out of the K loop
+  triton persistent    "separate" on a persistent grid (2 programs per SM walking the batch's tile list)
   triton side          cuBLAS base + the Triton LoRA side kernels (impl="auto"'s fallback)
   triton auto          impl="auto" (whatever the dispatch picks for this shape)
 Timing: every method is timed ``--rounds`` times (default 3), the rounds interleaved (base, m1, m2, ..., base,
@@ -126,12 +127,20 @@ def torch_reference(p):
     return multi_lora_linear(*_args(p), impl="torch", lora_dropout=p["dropout"])
 
 
-def triton_kernel(fuse=None, base="triton"):
+def triton_kernel(fuse=None, base="triton", persistent=False):
+    """A Triton variant as the model calls it: the batch's tile list built once (``p["tiles"]``)."""
     def run(p):
-        from ckf_dist.kernels.multi_lora_triton import multi_lora_linear_triton
+        from ckf_dist.kernels import multi_lora_triton as mlt
 
-        return multi_lora_linear_triton(*_args(p), fuse_shrink=fuse, base=base, lora_dropout=p["dropout"],
-                                        dropout_seed=p["seed"])
+        saved = mlt.PERSISTENT_PROGRAMS
+        if persistent:  # a persistent grid of 2 programs per SM (3 on a CPU: the loop still runs)
+            mlt.PERSISTENT_PROGRAMS = (2 * torch.cuda.get_device_properties(0).multi_processor_count
+                                       if p["x"].is_cuda else 3)
+        try:
+            return mlt.multi_lora_linear_triton(*_args(p), fuse_shrink=fuse, base=base, lora_dropout=p["dropout"],
+                                                dropout_seed=p["seed"], tiles=p["tiles"])
+        finally:
+            mlt.PERSISTENT_PROGRAMS = saved
     return run
 
 
@@ -149,10 +158,11 @@ METHODS = [
     ("torch reference", torch_reference),
     ("triton fused", triton_kernel(True)),
     ("triton separate", triton_kernel(False)),
+    ("triton persistent", triton_kernel(False, persistent=True)),
     ("triton side", triton_kernel(None, "cublas")),
     ("triton auto", triton_auto),
 ]
-TRITON_METHODS = {"triton fused", "triton separate", "triton side", "triton auto"}
+TRITON_METHODS = {"triton fused", "triton separate", "triton persistent", "triton side", "triton auto"}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -311,6 +321,10 @@ def main(argv=None) -> dict:
         tokens = args.tokens or tokens
         p = make_problem(tokens, d_in, d_out, r, T, dtype, device=device)
         p["dropout"] = args.dropout
+        if device == "cuda" or interpret:
+            from ckf_dist.kernels.multi_lora_triton import build_tile_list
+
+            p["tiles"] = build_tile_list(p["seg"], tokens)  # once per batch, as TaskSegments does
         print(f"\n## {name}: tokens {tokens}, d_in {d_in}, d_out {d_out}, r0 = r = {r}, T {T}")
         shape = dict(device=gpu, dtype=dtype_name, tokens=tokens, d_in=d_in, d_out=d_out, r_pad=rank_pad(r, r),
                      tasks=T, dropout=args.dropout)

@@ -59,6 +59,36 @@ MAX_RANK = 64
 POISON_OUTPUTS = False
 
 
+# None: one program per output tile. An int: a persistent grid of that many programs walking the tiles (the
+# benchmark times both: set it to a multiple of the SM count; tests set a small number to exercise the loop).
+PERSISTENT_PROGRAMS: Optional[int] = None
+TILE_BLOCKS = (16, 32, 64, 128)  # row-block sizes a tile list covers (every BLOCK_M the GEMM configs use)
+
+
+def build_tile_list(seg_offsets: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """The batch's row-tile list for the GEMM, built once per batch (``TaskSegments``) instead of every program
+    scanning the T + 1 offsets: int32 ``[len(TILE_BLOCKS), 2, cdiv(n_rows, 16) + T]``; for block size
+    ``TILE_BLOCKS[b]``, entry ``[b, 0, i]`` is the task of row tile i (-1 past the last tile) and ``[b, 1, i]`` its
+    first row. Tiles never cross a segment; tile ids run task by task (the order of the offset scan). Torch ops
+    on the offsets' device only: no host sync."""
+    seg = seg_offsets.to(torch.int64)
+    num_tasks = seg.numel() - 1
+    max_tiles = -(-n_rows // TILE_BLOCKS[0]) + num_tasks
+    lens = seg[1:] - seg[:-1]
+    ids = torch.arange(max_tiles, device=seg.device)
+    out = torch.empty(len(TILE_BLOCKS), 2, max_tiles, dtype=torch.int32, device=seg.device)
+    for b, block in enumerate(TILE_BLOCKS):
+        n_tiles = (lens + block - 1) // block                          # [T]
+        ends = torch.cumsum(n_tiles, 0)                                # [T] exclusive end tile id of each task
+        task = torch.searchsorted(ends, ids, right=True)               # [max_tiles] in [0, T]
+        valid = task < num_tasks
+        tc = task.clamp(max=num_tasks - 1)
+        row_start = seg[tc] + (ids - (ends[tc] - n_tiles[tc])) * block
+        out[b, 0] = torch.where(valid, task, -1).to(torch.int32)
+        out[b, 1] = torch.where(valid, row_start, 0).to(torch.int32)
+    return out
+
+
 def _empty(*shape, dtype, device):
     """torch.empty, or a NaN-filled buffer when ``POISON_OUTPUTS`` (tests)."""
     if POISON_OUTPUTS:
@@ -141,8 +171,20 @@ def _dropout_keep(seed, rows64, cols, width, p):
 
 
 @triton.jit
-def _multi_lora_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, out2_ptr, h_ptr, seg_ptr,
+def _listed_tile(pid_m, tiles_ptr, max_tiles, seg_ptr, BLOCK: tl.constexpr):
+    """(task, row_start, row_end) of row tile ``pid_m`` from the batch's tile list (``build_tile_list``):
+    ``tiles[b, 0, i]`` = task (-1: surplus id), ``tiles[b, 1, i]`` = first row, for row-block size
+    ``TILE_BLOCKS[b]`` (16, 32, 64, 128)."""
+    b = (BLOCK == 32) * 1 + (BLOCK == 64) * 2 + (BLOCK == 128) * 3
+    task = tl.load(tiles_ptr + (2 * b) * max_tiles + pid_m)
+    row_start = tl.load(tiles_ptr + (2 * b + 1) * max_tiles + pid_m)
+    row_end = tl.load(seg_ptr + tl.maximum(task, 0) + 1).to(tl.int32)
+    return task, row_start, row_end
+
+
+@triton.jit
+def _gemm_tile(
+    pid, tiles_ptr, max_tiles, x_ptr, w_ptr, bias_ptr, out_ptr, out2_ptr, h_ptr, seg_ptr,
     # shrink operand S[j, k] (only read with FUSE_SHRINK): shared piece, task piece
     ss_ptr, ss_sj, ss_sk, st_ptr, st_st, st_sj, st_sk,
     # expand operand E[j, c]: shared piece, task piece
@@ -154,9 +196,10 @@ def _multi_lora_gemm_kernel(
     NUM_TASKS: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, R_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr, STORE_H: tl.constexpr, SPLIT_OUT: tl.constexpr,
     ACCUMULATE: tl.constexpr, EPI_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    USE_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """``out[n, c] = sum_k x[n, k] Wt[k, c] + sum_j (scale_j h[n, j]) E_t[j, c] (+ bias[c])``.
+    """One (row tile, column tile) of ``out[n, c] = sum_k x[n, k] Wt[k, c] + sum_j (scale_j h[n, j]) E_t[j, c] (+ bias[c])``.
 
     Shapes: x [N, K]; Wt [K, C] (given by strides: W^T in the forward, W in the backward); h [N, R_PAD]
     (written here when FUSE_SHRINK and STORE_H, read otherwise; fp32 or the activation dtype); out (and out2)
@@ -170,7 +213,6 @@ def _multi_lora_gemm_kernel(
 
     # Grouped ordering: GROUP_M consecutive row tiles sweep the column tiles together, so the W column
     # panel stays in L2 while it is reused (and the rows of one task, and so its adapter, stay together).
-    pid = tl.program_id(0)
     num_tiles_m = tl.cdiv(n_rows, BLOCK_M) + (NUM_TASKS if R1 > 0 else 0)  # same bound as the host grid
     num_pid_n = tl.cdiv(C, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
@@ -180,70 +222,111 @@ def _multi_lora_gemm_kernel(
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
 
-    task, row_start, row_end = _segment_tile(pid_m, seg_ptr, n_rows, NUM_TASKS, R1 > 0, BLOCK_M)
-    if task < 0:
-        return
-
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
-    rows64 = rows.to(tl.int64)  # N * d can exceed 2**31
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < C
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_j = tl.arange(0, R_PAD)
-    out_ptrs = out_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_oc
-    out_mask = row_mask[:, None] & col_mask[None, :]
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    if ACCUMULATE:
-        if not SPLIT_OUT:
-            acc = tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    if USE_TILES:
+        task, row_start, row_end = _listed_tile(pid_m, tiles_ptr, max_tiles, seg_ptr, BLOCK_M)
     else:
-        st_task_ptr = st_ptr + task * st_st
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + offs_k
-            k_mask = k < K
-            xt = tl.load(x_ptr + rows64[:, None] * stride_xm + k[None, :] * stride_xk,
-                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            wt = tl.load(w_ptr + k[:, None] * stride_wk + cols[None, :] * stride_wc,
-                         mask=k_mask[:, None] & col_mask[None, :], other=0.0).to(dt)
-            acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION)
-            if FUSE_SHRINK:
-                # The x tile is already in registers: the shrink costs R_PAD extra MMA columns, no extra load of x.
-                s_tile = _load_cat(ss_ptr, ss_sj, ss_sk, st_task_ptr, st_sj, st_sk, offs_j, k, k_mask, R0, R1,
-                                   False)
-                h = tl.dot(xt, s_tile.to(dt), h, input_precision=INPUT_PRECISION)
+        task, row_start, row_end = _segment_tile(pid_m, seg_ptr, n_rows, NUM_TASKS, R1 > 0, BLOCK_M)
+    if task >= 0:  # surplus tile ids (the grid is sized by a bound) do nothing
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        rows64 = rows.to(tl.int64)  # N * d can exceed 2**31
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < C
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_j = tl.arange(0, R_PAD)
+        out_ptrs = out_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_oc
+        out_mask = row_mask[:, None] & col_mask[None, :]
 
-    h_mask = row_mask[:, None] & (offs_j[None, :] < R_PAD)
-    h_ptrs = h_ptr + rows64[:, None] * stride_hm + offs_j[None, :] * stride_hj
-    if R0 + R1 > 0:  # any adapter on this layer
-        if FUSE_SHRINK:
-            # Round like the reference (h is materialised in the activation dtype there too).
-            h = h.to(dt).to(tl.float32)
-            if STORE_H:
-                # Every column tile computed the same h; one of them keeps it for the backward.
-                if pid_n == 0:
-                    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=h_mask)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        if ACCUMULATE:
+            if not SPLIT_OUT:
+                acc = tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
         else:
-            h = tl.load(h_ptrs, mask=h_mask, other=0.0).to(tl.float32)
-        scale = tl.where(offs_j < R0, shared_scale, task_scale)
-        hs = (h * scale[None, :]).to(dt)
-        e_tile = _load_cat(es_ptr, es_sj, es_sc, et_ptr + task * et_st, et_sj, et_sc, offs_j, cols, col_mask,
-                           R0, R1, True)
-        lora = tl.dot(hs, e_tile.to(dt), input_precision=INPUT_PRECISION)
-        if EPI_DROPOUT:
-            keep = _dropout_keep(drop_seed, rows64, cols, C, drop_p)
-            lora = tl.where(keep, lora * (1.0 / (1.0 - drop_p)), 0.0)
-        if SPLIT_OUT:
-            tl.store(out2_ptr + rows64[:, None] * stride_o2m + cols[None, :] * stride_o2c,
-                     lora.to(out2_ptr.dtype.element_ty), mask=out_mask)
-        else:
-            acc += lora
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    if not (ACCUMULATE and SPLIT_OUT):  # accumulate + split: out already final (cuBLAS), nothing to add
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+            st_task_ptr = st_ptr + task * st_st
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + offs_k
+                k_mask = k < K
+                xt = tl.load(x_ptr + rows64[:, None] * stride_xm + k[None, :] * stride_xk,
+                             mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                wt = tl.load(w_ptr + k[:, None] * stride_wk + cols[None, :] * stride_wc,
+                             mask=k_mask[:, None] & col_mask[None, :], other=0.0).to(dt)
+                acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION)
+                if FUSE_SHRINK:
+                    # The x tile is already in registers: the shrink costs R_PAD extra MMA columns, no extra load of x.
+                    s_tile = _load_cat(ss_ptr, ss_sj, ss_sk, st_task_ptr, st_sj, st_sk, offs_j, k, k_mask, R0, R1,
+                                       False)
+                    h = tl.dot(xt, s_tile.to(dt), h, input_precision=INPUT_PRECISION)
+
+        h_mask = row_mask[:, None] & (offs_j[None, :] < R_PAD)
+        h_ptrs = h_ptr + rows64[:, None] * stride_hm + offs_j[None, :] * stride_hj
+        if R0 + R1 > 0:  # any adapter on this layer
+            if FUSE_SHRINK:
+                # Round like the reference (h is materialised in the activation dtype there too).
+                h = h.to(dt).to(tl.float32)
+                if STORE_H:
+                    # Every column tile computed the same h; one of them keeps it for the backward.
+                    if pid_n == 0:
+                        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=h_mask)
+            else:
+                h = tl.load(h_ptrs, mask=h_mask, other=0.0).to(tl.float32)
+            scale = tl.where(offs_j < R0, shared_scale, task_scale)
+            hs = (h * scale[None, :]).to(dt)
+            e_tile = _load_cat(es_ptr, es_sj, es_sc, et_ptr + task * et_st, et_sj, et_sc, offs_j, cols, col_mask,
+                               R0, R1, True)
+            lora = tl.dot(hs, e_tile.to(dt), input_precision=INPUT_PRECISION)
+            if EPI_DROPOUT:
+                keep = _dropout_keep(drop_seed, rows64, cols, C, drop_p)
+                lora = tl.where(keep, lora * (1.0 / (1.0 - drop_p)), 0.0)
+            if SPLIT_OUT:
+                tl.store(out2_ptr + rows64[:, None] * stride_o2m + cols[None, :] * stride_o2c,
+                         lora.to(out2_ptr.dtype.element_ty), mask=out_mask)
+            else:
+                acc += lora
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if not (ACCUMULATE and SPLIT_OUT):  # accumulate + split: out already final (cuBLAS), nothing to add
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _multi_lora_gemm_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr, out2_ptr, h_ptr, seg_ptr, tiles_ptr,
+    ss_ptr, ss_sj, ss_sk, st_ptr, st_st, st_sj, st_sk,
+    es_ptr, es_sj, es_sc, et_ptr, et_st, et_sj, et_sc,
+    n_rows, K, C, max_tiles, num_progs,
+    stride_xm, stride_xk, stride_wk, stride_wc, stride_om, stride_oc, stride_o2m, stride_o2c,
+    stride_hm, stride_hj,
+    shared_scale, task_scale, drop_seed, drop_p, n_bucket,
+    NUM_TASKS: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, R_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr, STORE_H: tl.constexpr, SPLIT_OUT: tl.constexpr,
+    ACCUMULATE: tl.constexpr, EPI_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    USE_TILES: tl.constexpr, PERSISTENT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """The multi-LoRA GEMM (see ``_gemm_tile``). One program per output tile, or, with PERSISTENT, ``num_progs``
+    programs each walking the tile ids ``pid, pid + num_progs, ...`` (a persistent grid: no tail wave of
+    surplus programs, tiles of one task adjacent). USE_TILES: (task, row start) of a row tile come from the
+    batch's tile list (``tiles_ptr``, built once per batch by ``build_tile_list``) instead of a scan of the
+    T + 1 offsets."""
+    num_tiles = (tl.cdiv(n_rows, BLOCK_M) + (NUM_TASKS if R1 > 0 else 0)) * tl.cdiv(C, BLOCK_N)
+    if PERSISTENT:
+        for tile_id in range(tl.program_id(0), num_tiles, num_progs):
+            _gemm_tile(tile_id, tiles_ptr, max_tiles, x_ptr, w_ptr, bias_ptr, out_ptr, out2_ptr, h_ptr, seg_ptr,
+                       ss_ptr, ss_sj, ss_sk, st_ptr, st_st, st_sj, st_sk,
+                       es_ptr, es_sj, es_sc, et_ptr, et_st, et_sj, et_sc, n_rows, K, C,
+                       stride_xm, stride_xk, stride_wk, stride_wc, stride_om, stride_oc, stride_o2m, stride_o2c,
+                       stride_hm, stride_hj, shared_scale, task_scale, drop_seed, drop_p, n_bucket,
+                       NUM_TASKS, R0, R1, R_PAD, HAS_BIAS, FUSE_SHRINK, STORE_H, SPLIT_OUT, ACCUMULATE, EPI_DROPOUT,
+                       INPUT_PRECISION, USE_TILES, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    else:
+        _gemm_tile(tl.program_id(0), tiles_ptr, max_tiles, x_ptr, w_ptr, bias_ptr, out_ptr, out2_ptr, h_ptr, seg_ptr,
+                   ss_ptr, ss_sj, ss_sk, st_ptr, st_st, st_sj, st_sk,
+                   es_ptr, es_sj, es_sc, et_ptr, et_st, et_sj, et_sc, n_rows, K, C,
+                   stride_xm, stride_xk, stride_wk, stride_wc, stride_om, stride_oc, stride_o2m, stride_o2c,
+                   stride_hm, stride_hj, shared_scale, task_scale, drop_seed, drop_p, n_bucket,
+                   NUM_TASKS, R0, R1, R_PAD, HAS_BIAS, FUSE_SHRINK, STORE_H, SPLIT_OUT, ACCUMULATE, EPI_DROPOUT,
+                   INPUT_PRECISION, USE_TILES, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
 @triton.jit
@@ -430,7 +513,8 @@ _GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
 ]
-_GEMM_KEY = ["K", "C", "R_PAD", "FUSE_SHRINK", "SPLIT_OUT", "ACCUMULATE", "EPI_DROPOUT", "stride_wk", "n_bucket"]
+_GEMM_KEY = ["K", "C", "R_PAD", "FUSE_SHRINK", "SPLIT_OUT", "ACCUMULATE", "EPI_DROPOUT", "stride_wk", "n_bucket",
+             "num_progs"]
 _INTERPRET_CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}),
@@ -523,7 +607,7 @@ def _gemm_meta(dtype: torch.dtype) -> dict:
 
 def _launch_gemm(x, wt_strides, weight, bias, out, out2, h, seg, shrink: Optional[_CatOperand],
                  expand: _CatOperand, r0, r1, num_tasks, shared_scale, task_scale, fuse_shrink, store_h,
-                 accumulate=False, epi_dropout: _Dropout = _NO_DROPOUT):
+                 accumulate=False, epi_dropout: _Dropout = _NO_DROPOUT, tiles: Optional[torch.Tensor] = None):
     """out = x @ Wt (+ LoRA epilogue) (+ bias). x [N, K], out [N, C]; Wt strides ``wt_strides`` over ``weight``.
     ``accumulate``: no GEMM, ``out += LoRA term`` in place (out holds cuBLAS's result)."""
     n_rows, k_dim = x.shape
@@ -534,13 +618,19 @@ def _launch_gemm(x, wt_strides, weight, bias, out, out2, h, seg, shrink: Optiona
     dummy = out
     shrink = shrink if shrink is not None else expand  # only read with FUSE_SHRINK
 
+    persistent = PERSISTENT_PROGRAMS is not None
+    use_tiles = tiles is not None and has_task
+
     def grid(meta):
+        if persistent:
+            return (PERSISTENT_PROGRAMS,)
         return ((triton.cdiv(n_rows, meta["BLOCK_M"]) + extra_tiles) * triton.cdiv(c_dim, meta["BLOCK_N"]),)
 
     args = (
         x, weight, bias.contiguous() if bias is not None else dummy, out, out2 if out2 is not None else dummy, h, seg,
+        tiles if use_tiles else seg,
         *shrink.kernel_args(), *expand.kernel_args(),
-        n_rows, k_dim, c_dim,
+        n_rows, k_dim, c_dim, tiles.shape[2] if use_tiles else 0, PERSISTENT_PROGRAMS or 1,
     )
     strides = (
         x.stride(0), x.stride(1), wt_strides[0], wt_strides[1], out.stride(0), out.stride(1),
@@ -552,6 +642,7 @@ def _launch_gemm(x, wt_strides, weight, bias, out, out2, h, seg, shrink: Optiona
         NUM_TASKS=num_tasks if has_task else 1, R0=r0, R1=r1, R_PAD=r_pad, HAS_BIAS=bias is not None,
         FUSE_SHRINK=bool(fuse_shrink), STORE_H=bool(store_h), SPLIT_OUT=out2 is not None,
         ACCUMULATE=bool(accumulate), EPI_DROPOUT=epi_dropout.on, INPUT_PRECISION=_input_precision(x.dtype),
+        USE_TILES=use_tiles, PERSISTENT=persistent,
     )
     if _AUTOTUNE:
         _multi_lora_gemm[grid](*args, *strides, **consts)
@@ -701,7 +792,8 @@ class MultiLoRALinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, shared_a, shared_b, task_a, task_b, seg_offsets, shared_scale, task_scale,
-                lora_x=None, fuse_shrink=None, param_grad_rows=None, dropout_p=0.0, dropout_seed=0, base="triton"):
+                lora_x=None, fuse_shrink=None, param_grad_rows=None, dropout_p=0.0, dropout_seed=0, base="triton",
+                tiles=None):
         x2 = x.reshape(-1, x.shape[-1])
         lx2 = lora_x.reshape(-1, lora_x.shape[-1]) if lora_x is not None else None
         dims = _Dims(x2, weight, shared_a, task_a)
@@ -721,12 +813,13 @@ class MultiLoRALinearFn(torch.autograd.Function):
             # y = x W^T: Wt[k, c] = W[c, k]
             _launch_gemm(x2, (weight.stride(1), weight.stride(0)), weight, None if base == "cublas" else bias,
                          y, None, h, seg, a_op, b_op, dims.r0, dims.r1, dims.num_tasks, shared_scale, task_scale,
-                         fuse, store_h=True, accumulate=base == "cublas")
+                         fuse, store_h=True, accumulate=base == "cublas", tiles=tiles)
         ctx.dims = dims
         ctx.scales = (shared_scale, task_scale)
         ctx.has_lora_x = lora_x is not None
         ctx.drop = drop
         ctx.base = base
+        ctx.tiles = tiles  # int32 index list, not differentiable: kept on ctx
         ctx.x_shape, ctx.lora_x_shape = x.shape, (lora_x.shape if lora_x is not None else None)
         lora_in = lx2 if lx2 is not None else x2
         x_for_dw = x2 if weight.requires_grad else None
@@ -778,7 +871,7 @@ class MultiLoRALinearFn(torch.autograd.Function):
                 # dX = dY W (+ s g A_cat [* dropout keep / (1 - p)], or into dlx for a separate lora_x).
                 _launch_gemm(dy2, (weight.stride(0), weight.stride(1)), weight, None, dx, dlx, g, seg, None, a_op,
                              *lora_args, shared_scale, task_scale, False, store_h=False,
-                             accumulate=ctx.base == "cublas", epi_dropout=ctx.drop)
+                             accumulate=ctx.base == "cublas", epi_dropout=ctx.drop, tiles=ctx.tiles)
 
         d_sa = d_ta = None
         if need_da:
@@ -800,7 +893,7 @@ class MultiLoRALinearFn(torch.autograd.Function):
             dx = dx.reshape(ctx.x_shape) if need_dx else None
         if dlx is not None:
             dlx = dlx.reshape(ctx.lora_x_shape) if need_dlx else None
-        return (dx, d_w, d_bias, d_sa, d_sb, d_ta, d_tb, None, None, None, dlx, None, None, None, None, None)
+        return (dx, d_w, d_bias, d_sa, d_sb, d_ta, d_tb, None, None, None, dlx, None, None, None, None, None, None)
 
 
 def triton_base_gemm(a: torch.Tensor, weight: torch.Tensor, layout: str) -> torch.Tensor:
@@ -829,7 +922,7 @@ def chosen_gemm_configs() -> dict:
 def multi_lora_linear_triton(x, weight, bias, shared_a, shared_b, task_a, task_b, seg_offsets,
                              shared_scale: float, task_scale: float, lora_x=None, fuse_shrink: Optional[bool] = None,
                              param_grad_rows=None, lora_dropout: float = 0.0, dropout_seed: Optional[int] = None,
-                             base: str = "triton", check_segments: bool = True):
+                             base: str = "triton", check_segments: bool = True, tiles: Optional[torch.Tensor] = None):
     """Fused Triton multi-task LoRA linear; same maths, shapes and arguments as ``multi_lora_linear_reference``.
 
     Shapes: x, lora_x [..., d_in] (rows sorted by task); weight [d_out, d_in]; bias [d_out] | None;
@@ -843,6 +936,8 @@ def multi_lora_linear_triton(x, weight, bias, shared_a, shared_b, task_a, task_b
     ``base``: "triton" = the base GEMM in Triton with the LoRA expand in its epilogue; "cublas" = cuBLAS for
     x W^T / dY W and the LoRA terms added by the side kernels (the safe fallback of ``impl="auto"``).
     ``check_segments``: validate seg_offsets against the row count (``check_segment_offsets``; no host sync).
+    ``tiles``: the batch's tile list (``build_tile_list(seg_offsets, N)``, built once per batch); None = every
+    GEMM program scans the offsets.
     """
     if (shared_a is None) != (shared_b is None) or (task_a is None) != (task_b is None):
         raise ValueError("an adapter needs both its A and its B (or neither)")
@@ -860,6 +955,11 @@ def multi_lora_linear_triton(x, weight, bias, shared_a, shared_b, task_a, task_b
             raise ValueError("seg_offsets must live on x's device (no host sync in the hot path)")
         if check_segments:
             check_segment_offsets(seg_offsets, x.numel() // x.shape[-1])
+        n_rows = x.numel() // x.shape[-1]
+        want = (len(TILE_BLOCKS), 2, -(-n_rows // TILE_BLOCKS[0]) + task_a.shape[0])
+        if tiles is not None and (tuple(tiles.shape) != want or tiles.dtype != torch.int32):
+            raise ValueError(f"tiles must be build_tile_list(seg_offsets, {n_rows}): int32 {want}, got "
+                             f"{tiles.dtype} {tuple(tiles.shape)}")
     if not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
     if lora_dropout > 0 and lora_x is not None:
@@ -875,7 +975,7 @@ def multi_lora_linear_triton(x, weight, bias, shared_a, shared_b, task_a, task_b
         raise ValueError(f"param_grad_rows has {param_grad_rows.numel()} entries for {x.numel() // x.shape[-1]} rows")
     return MultiLoRALinearFn.apply(x, weight, bias, shared_a, shared_b, task_a, task_b, seg_offsets,
                                    float(shared_scale), float(task_scale), lora_x, fuse_shrink, param_grad_rows,
-                                   float(lora_dropout), int(dropout_seed or 0), base)
+                                   float(lora_dropout), int(dropout_seed or 0), base, tiles)
 
 
 class MultiLoRALinear(torch.nn.Module):
@@ -918,4 +1018,4 @@ class MultiLoRALinear(torch.nn.Module):
 
 
 __all__ = ["multi_lora_linear_triton", "MultiLoRALinearFn", "MultiLoRALinear", "dropout_keep_mask", "triton_base_gemm",
-           "chosen_gemm_configs"]
+           "chosen_gemm_configs", "build_tile_list"]

@@ -35,6 +35,7 @@ class TaskSegments:
     param_grad_tokens: Optional[torch.Tensor] = None
     _token_offsets: dict = field(default_factory=dict)
     _token_grad_rows: dict = field(default_factory=dict)
+    _tile_lists: dict = field(default_factory=dict)
 
     def set(self, row_offsets: torch.Tensor, param_grad_rows: Optional[torch.Tensor] = None,
             param_grad_tokens: Optional[torch.Tensor] = None) -> None:
@@ -43,6 +44,7 @@ class TaskSegments:
         self.param_grad_tokens = param_grad_tokens
         self._token_offsets = {}
         self._token_grad_rows = {}
+        self._tile_lists = {}
 
     def token_grad_rows(self, seq_len: int) -> Optional[torch.Tensor]:
         """[B * L] bool over the flattened tokens (cached per sequence length), or None."""
@@ -56,6 +58,15 @@ class TaskSegments:
         if seq_len not in self._token_grad_rows:
             self._token_grad_rows[seq_len] = self.param_grad_rows.repeat_interleave(seq_len)
         return self._token_grad_rows[seq_len]
+
+    def tile_list(self, seq_len: int, n_tokens: int) -> torch.Tensor:
+        """The Triton GEMM's row-tile list over the flattened tokens (``build_tile_list``), built once per batch
+        and sequence length and shared by every layer (no per-program scan of the offsets, no host sync)."""
+        if seq_len not in self._tile_lists:
+            from ckf_dist.kernels.multi_lora_triton import build_tile_list  # lazy: Triton only where it runs
+
+            self._tile_lists[seq_len] = build_tile_list(self.token_offsets(seq_len, n_tokens), n_tokens)
+        return self._tile_lists[seq_len]
 
     def token_offsets(self, seq_len: int, n_tokens: Optional[int] = None) -> torch.Tensor:
         """[T + 1] offsets over the flattened [B * L] tokens (cached per sequence length).
@@ -112,9 +123,11 @@ class MultiLoRALinear(nn.Module):
         # the torch path applies F.dropout (the same RNG stream as nn.Dropout).
         p = self.dropout.p if (self.dropout is not None and self.training) else 0.0
         grad_rows = self.segments.token_grad_rows(seq_len) if torch.is_grad_enabled() else None
+        # The Triton paths (CUDA) read their row tiles from a list built once per batch; the torch path ignores it.
+        tiles = self.segments.tile_list(seq_len, flat.shape[0]) if (flat.is_cuda and self.task_a is not None) else None
         y = multi_lora_linear(flat, self.weight, self.bias, self.shared_a, self.shared_b, self.task_a, self.task_b,
                               offsets, self.scale, self.scale, lora_dropout=p, impl=self.impl,
-                              param_grad_rows=grad_rows, check_segments=False)
+                              param_grad_rows=grad_rows, check_segments=False, tiles=tiles)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

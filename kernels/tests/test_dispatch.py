@@ -126,3 +126,16 @@ def test_task_segments_validate_once_per_batch():
     seg.set(torch.tensor([0, 2, 3]))
     with pytest.raises(ValueError, match="end at the row count 16"):
         seg.token_offsets(4, n_tokens=16)
+
+
+def test_task_segments_tile_list_is_built_once_per_batch():
+    from ckf_dist.kernels.multi_lora_triton import build_tile_list
+    from ckf_dist.model.multi_lora import TaskSegments
+
+    seg = TaskSegments()
+    seg.set(torch.tensor([0, 2, 3]))
+    tiles = seg.tile_list(4, n_tokens=12)
+    assert seg.tile_list(4, n_tokens=12) is tiles                      # shared by every layer of the batch
+    assert torch.equal(tiles, build_tile_list(torch.tensor([0, 8, 12]), 12))
+    seg.set(torch.tensor([0, 1, 3]))
+    assert not torch.equal(seg.tile_list(4, n_tokens=12), tiles)       # a new batch, a new list

@@ -273,6 +273,41 @@ def test_autotuned_path_forward_backward_cpu():
     assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
 
 
+@pytest.mark.parametrize("counts", [[9, 14, 6], [0, 19, 0, 0, 7, 0], [0, 0, 0], [70, 0, 5], [16, 32, 1]])
+def test_build_tile_list_matches_the_offset_scan(counts):
+    """The batch's tile list (built once with torch ops) lists, per block size, exactly the row tiles the
+    kernels' on-device offset scan would find: task by task, never crossing a segment, -1 after the last."""
+    from ckf_dist.kernels import segment_offsets
+    from ckf_dist.kernels.multi_lora_triton import TILE_BLOCKS, build_tile_list
+
+    T, n = len(counts), sum(counts)
+    seg = segment_offsets(torch.repeat_interleave(torch.arange(T), torch.tensor(counts)), T)
+    tiles = build_tile_list(seg, n)
+    max_tiles = -(-n // 16) + T
+    assert tiles.shape == (len(TILE_BLOCKS), 2, max_tiles) and tiles.dtype == torch.int32
+    for b, block in enumerate(TILE_BLOCKS):
+        want = [(t, lo) for t in range(T) for lo in range(int(seg[t]), int(seg[t + 1]), block)]
+        want += [(-1, 0)] * (max_tiles - len(want))
+        assert list(zip(tiles[b, 0].tolist(), tiles[b, 1].tolist())) == want, block
+
+
+@pytest.mark.parametrize("persistent", [None, 3])
+@pytest.mark.parametrize("name, base", [("mixed_fused", "triton"), ("empty_segments", "triton"),
+                                        ("sixteen_tasks", "triton"), ("long_segment_lora_x", "cublas")])
+def test_tile_list_and_persistent_grid_match_reference(kt, monkeypatch, name, base, persistent):
+    """The GEMM reading (task, rows) from the batch's tile list, on a normal and on a persistent grid (3
+    programs walking all tiles: the loop runs many times), forward and backward, against the reference."""
+    from ckf_dist.kernels import multi_lora_triton as mlt
+
+    monkeypatch.setattr(mlt, "PERSISTENT_PROGRAMS", persistent)
+    counts, d_in, d_out, r, r0, lx, fuse = INTERP_CASES[name]
+    case = kt.Case(counts, d_in, d_out, r, r0, dtype=torch.float32, device=DEVICE, lora_x=lx)
+    tiles = mlt.build_tile_list(case.seg, case.x.shape[0])
+    check_against_reference(kt, case, tol=1e-5 if not HAS_CUDA else 2e-5, fuse_shrink=fuse, base=base, tiles=tiles)
+    with pytest.raises(ValueError, match="tiles must be build_tile_list"):
+        multi_lora_linear_triton(*case.args(), tiles=tiles[:, :, :-1])
+
+
 def test_triton_param_grad_rows_through_dispatch_and_3d_input(kt):
     """impl='triton' with a [B, S] mask for [B, S, d] input equals the torch reference on the flattened rows."""
     case = kt.Case([6, 10], 21, 17, 3, 2, device=DEVICE)
@@ -453,13 +488,17 @@ def test_no_host_sync_in_forward_backward(kt):
     """seg_offsets stays on the device: the Triton path must not synchronise with the host."""
     case = kt.Case([500, 0, 300], 512, 768, 16, 16, dtype=torch.bfloat16, device="cuda")
     mask = kt.grad_rows(800, "mixed", device="cuda")
+    from ckf_dist.kernels.multi_lora_triton import build_tile_list
+
+    tiles = build_tile_list(case.seg, 800)
     for kw in (dict(), dict(base="cublas"), dict(lora_dropout=0.1), dict(base="cublas", lora_dropout=0.1),
-               dict(param_grad_rows=mask)):
+               dict(param_grad_rows=mask), dict(tiles=tiles)):
         kt.run(multi_lora_linear_triton, case, **kw)  # compile first
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
             kt.run(multi_lora_linear_triton, case, **kw)  # seg_offsets check included (async assert)
+            build_tile_list(case.seg, 800)  # the per-batch tile list: device ops only
             kt.run(multi_lora_linear, case, impl="auto", **{k: v for k, v in kw.items() if k != "base"})
         finally:
             torch.cuda.set_sync_debug_mode("default")
