@@ -12,7 +12,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .dispatch import SIDE, TORCH, TRITON, choose_impl
+from .dispatch import SIDE, TORCH, TRITON, choose_impl, table_fuse_shrink
 from .reference import check_segment_offsets, multi_lora_linear_per_row, multi_lora_linear_reference, segment_offsets
 
 IMPLS = ("auto", "torch", "triton", "side")
@@ -23,19 +23,25 @@ def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
+def _problem(x, weight, shared_a, task_a) -> tuple:
+    """The host values ``choose_impl`` and the win table are keyed on (no device read)."""
+    r0 = shared_a.shape[0] if shared_a is not None else 0
+    r1 = task_a.shape[1] if task_a is not None else 0
+    num_tasks = task_a.shape[0] if task_a is not None else 0
+    name = _device_name(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
+        if x.is_cuda else ""
+    return name, x.dtype, x.numel() // x.shape[-1], x.shape[-1], weight.shape[0], r0, r1, num_tasks
+
+
 def resolve_impl(impl: str, x, weight, shared_a, task_a) -> str:
     """``impl`` with "auto" resolved for this call (see ``dispatch.choose_impl``)."""
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
     if impl != "auto":
         return impl
-    r0 = shared_a.shape[0] if shared_a is not None else 0
-    r1 = task_a.shape[1] if task_a is not None else 0
-    num_tasks = task_a.shape[0] if task_a is not None else 0
-    name = _device_name(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
-        if x.is_cuda else ""
-    return choose_impl(x.device.type, x.dtype, weight.dtype, x.numel() // x.shape[-1], x.shape[-1],
-                       weight.shape[0], r0, r1, num_tasks, device_name=name)[0]
+    name, dtype, n_rows, d_in, d_out, r0, r1, num_tasks = _problem(x, weight, shared_a, task_a)
+    return choose_impl(x.device.type, dtype, weight.dtype, n_rows, d_in, d_out, r0, r1, num_tasks,
+                       device_name=name)[0]
 
 
 def multi_lora_linear(x, weight, bias, shared_a, shared_b, task_a, task_b, seg_offsets,
@@ -50,14 +56,20 @@ def multi_lora_linear(x, weight, bias, shared_a, shared_b, task_a, task_b, seg_o
     the offsets once per batch (``TaskSegments``) pass False. ``tiles``: the batch's GEMM tile list
     (``multi_lora_triton.build_tile_list``; Triton paths only, ignored by the torch path).
     """
+    auto = impl == "auto"
     impl = resolve_impl(impl, x, weight, shared_a, task_a)
     if impl in (TRITON, SIDE):
         from .multi_lora_triton import multi_lora_linear_triton  # noqa: WPS433 (lazy: needs a Triton backend)
 
+        fuse_shrink = None
+        if auto and impl == TRITON:  # where the shrink goes, as measured for this shape (else the width rule)
+            from .win_table import WIN_TABLE
+
+            fuse_shrink = table_fuse_shrink(WIN_TABLE, *_problem(x, weight, shared_a, task_a))
         return multi_lora_linear_triton(x, weight, bias, shared_a, shared_b, task_a, task_b, seg_offsets,
                                         shared_scale, task_scale, lora_x=lora_x, param_grad_rows=param_grad_rows,
                                         lora_dropout=lora_dropout, base="triton" if impl == TRITON else "cublas",
-                                        check_segments=check_segments, tiles=tiles)
+                                        check_segments=check_segments, tiles=tiles, fuse_shrink=fuse_shrink)
     assert impl == TORCH
     if lora_dropout > 0:
         if lora_x is not None:

@@ -42,10 +42,10 @@ def rank_pad(r0: int, r1: int) -> int:
     return max(16, 1 << max(0, math.ceil(math.log2(max(1, r0 + r1)))))
 
 
-def table_says_fused_wins(table: Sequence[dict], device_name: str, dtype: torch.dtype, n_rows: int, d_in: int,
-                          d_out: int, r0: int, r1: int, num_tasks: int) -> bool:
-    """True when the row nearest in token count (log scale, within 2x) among the rows measured on this GPU for
-    this dtype/d_in/d_out/padded rank/task count says the fused path was faster than the side path."""
+def nearest_row(table: Sequence[dict], device_name: str, dtype: torch.dtype, n_rows: int, d_in: int, d_out: int,
+                r0: int, r1: int, num_tasks: int) -> Optional[dict]:
+    """The row nearest in token count (log scale, within 2x) among the rows measured on this GPU for this
+    dtype/d_in/d_out/padded rank/task count, or None."""
     want = (device_name, dtype_name(dtype), d_in, d_out, rank_pad(r0, r1), num_tasks)
     best = None
     for row in table:
@@ -55,7 +55,20 @@ def table_says_fused_wins(table: Sequence[dict], device_name: str, dtype: torch.
         dist = abs(math.log2(n_rows / row["tokens"]))
         if dist <= 1.0 and (best is None or dist < best[0]):
             best = (dist, row)
-    return best is not None and best[1]["fused_ms"] < best[1]["side_ms"]
+    return best[1] if best is not None else None
+
+
+def table_says_fused_wins(table: Sequence[dict], *args) -> bool:
+    """True when ``nearest_row(table, *args)`` says the fused path was faster than the side path."""
+    row = nearest_row(table, *args)
+    return row is not None and row["fused_ms"] < row["side_ms"]
+
+
+def table_fuse_shrink(table: Sequence[dict], *args) -> Optional[bool]:
+    """Whether the fused path should put the forward shrink in the GEMM's K loop, as measured (the faster of
+    "triton fused" / "triton separate" in ``nearest_row``); None (the width rule decides) without a row."""
+    row = nearest_row(table, *args)
+    return None if row is None or "fuse_shrink" not in row else bool(row["fuse_shrink"])
 
 
 def choose_impl(device_type: str, x_dtype: torch.dtype, w_dtype: torch.dtype, n_rows: int, d_in: int, d_out: int,
@@ -91,19 +104,21 @@ def choose_impl(device_type: str, x_dtype: torch.dtype, w_dtype: torch.dtype, n_
 
 def build_win_table(bench_rows: Iterable[dict]) -> list[dict]:
     """Win-table rows from the benchmark's ``--json`` rows (``bench_multi_lora``): one row per (device, dtype,
-    shape) that timed both the fused path (``triton fused``/``triton separate``, the faster) and the side
-    path, with the two medians. Rows lacking either timing are skipped."""
+    shape) that timed both the fused path (``triton fused``/``triton separate``, the faster, recorded as
+    ``fuse_shrink``) and the side path, with the two medians. Rows lacking either timing are skipped."""
     by_shape: dict[tuple, dict] = {}
     for row in bench_rows:
         key = (row["device"], row["dtype"], row["tokens"], row["d_in"], row["d_out"], row["r_pad"], row["tasks"])
         by_shape.setdefault(key, {})[row["method"]] = row["median_ms"]
     table = []
     for (device, dtype, tokens, d_in, d_out, r_pad, tasks), ms in sorted(by_shape.items()):
-        fused = [ms[m] for m in ("triton fused", "triton separate") if ms.get(m) is not None]
+        fused = {m == "triton fused": ms[m] for m in ("triton fused", "triton separate") if ms.get(m) is not None}
         if not fused or ms.get("triton side") is None:
             continue
+        fuse_shrink = min(fused, key=fused.get)
         table.append(dict(device=device, dtype=dtype, tokens=tokens, d_in=d_in, d_out=d_out, r_pad=r_pad,
-                          tasks=tasks, fused_ms=min(fused), side_ms=ms["triton side"]))
+                          tasks=tasks, fused_ms=fused[fuse_shrink], side_ms=ms["triton side"],
+                          fuse_shrink=fuse_shrink))
     return table
 
 
@@ -114,7 +129,7 @@ def write_win_table(bench_json_path: str, out_path: str) -> list[dict]:
         data = json.load(f)
     table = build_win_table(data["rows"])
     meta = {k: data.get(k) for k in ("gpu", "torch", "triton", "date")}
-    body = ",\n".join("    " + json.dumps(row, sort_keys=True) for row in table)
+    body = ",\n".join("    " + repr(dict(sorted(row.items()))) for row in table)  # a Python literal
     with open(out_path, "w") as f:
         f.write('"""Measured win table of ``impl="auto"`` (written by ``dispatch.write_win_table`` from\n'
                 f'``bench_multi_lora --json``; {json.dumps(meta, sort_keys=True)}). Do not edit by hand."""\n'

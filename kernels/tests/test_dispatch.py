@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ckf_dist.kernels import multi_lora_linear, multi_lora_linear_reference, resolve_impl
-from ckf_dist.kernels.dispatch import SIDE, TORCH, TRITON, build_win_table, choose_impl, write_win_table
+from ckf_dist.kernels.dispatch import (SIDE, TORCH, TRITON, build_win_table, choose_impl, table_fuse_shrink,
+                                       write_win_table)
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 GPU = "NVIDIA H100 80GB HBM3"
@@ -62,7 +63,7 @@ def test_choose_impl_fused_only_on_a_measured_win_for_this_gpu_and_shape():
 def test_shipped_table_is_well_formed_and_auto_never_fuses_without_it():
     from ckf_dist.kernels.win_table import WIN_TABLE
 
-    keys = {"device", "dtype", "tokens", "d_in", "d_out", "r_pad", "tasks", "fused_ms", "side_ms"}
+    keys = {"device", "dtype", "tokens", "d_in", "d_out", "r_pad", "tasks", "fused_ms", "side_ms", "fuse_shrink"}
     assert all(set(row) == keys for row in WIN_TABLE)
     if not WIN_TABLE:
         assert choose_impl(**OK)[0] == SIDE
@@ -100,7 +101,11 @@ def test_win_table_from_benchmark_json(tmp_path):
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps(dict(gpu=GPU, torch="2.11", triton="3.6", date="2026-11-27", rows=rows)))
     table = build_win_table(rows)
-    assert [(r["tokens"], r["fused_ms"], r["side_ms"]) for r in table] == [(4096, 0.40, 0.35), (16384, 1.05, 1.20)]
+    assert [(r["tokens"], r["fused_ms"], r["side_ms"], r["fuse_shrink"]) for r in table] == [
+        (4096, 0.40, 0.35, True), (16384, 1.05, 1.20, False)]
+    args = (GPU, BF16, 16384, 4096, 4096, 16, 16, 4)
+    assert table_fuse_shrink(table, *args) is False and table_fuse_shrink(table, *args[:2], 4096, *args[3:]) is True
+    assert table_fuse_shrink(table, "NVIDIA A100", *args[1:]) is None  # no row: the width rule decides
     out = tmp_path / "win_table.py"
     assert write_win_table(str(bench), str(out)) == table
     spec = importlib.util.spec_from_file_location("wt", out)
