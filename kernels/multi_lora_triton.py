@@ -159,15 +159,26 @@ def _load_cat(shared_ptr, s_sj, s_so, task_ptr, t_sj, t_so, j, o, o_mask,
 # kernels
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _dropout_keep(seed, rows64, cols, width, p):
-    """LoRA-dropout keep mask of the [rows, cols] tile: Philox ``tl.rand(seed, row * width + col) >= p``.
+def _dropout_keep(seed, rows64, col0, width, p, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """LoRA-dropout keep mask of the tile rows ``rows64`` x columns ``col0 + [0, BLOCK_C)`` (``col0`` a multiple
+    of 4): ``uniform >= p`` from Philox-4x32 keyed by ``seed``.
 
-    The offset is the element's logical index in the [N, width] LoRA input (never its memory address), so the
-    shrink (forward), the dX epilogue and the dA pass (backward) regenerate the same mask from (seed, p) alone,
-    and ``dropout_keep_mask`` reproduces it for the reference. int64 offsets: N * width can exceed 2**31.
+    One Philox call yields 4 uniforms, used for 4 adjacent columns: the counter of element (row, col) is
+    ``row * ceil(width / 4) + col // 4`` (split into two 32-bit words: 32-bit arithmetic, no overflow for any
+    N * width < 2**64) and ``col % 4`` picks the output. The counter is the element's logical position in the
+    [N, width] LoRA input (never its address), so the shrink (forward), the dX epilogue and the dA pass
+    (backward) regenerate the same mask from (seed, p) alone, with their different tile shapes, and
+    ``dropout_keep_mask`` reproduces it for the reference.
     """
-    offs = rows64[:, None] * width + cols[None, :]
-    return tl.rand(seed, offs) >= p
+    q = col0 // 4 + tl.arange(0, BLOCK_C // 4)
+    offs = rows64[:, None] * ((width + 3) // 4) + q[None, :]  # int64 [BLOCK_R, BLOCK_C / 4]
+    c0 = (offs & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (offs >> 32).to(tl.uint32)
+    zero = c0 * 0
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero)
+    # join(join(r0, r2), join(r1, r3))[m, q, i, j] = r_{2i + j}: reshaped row-major, column 4q + k gets r_k.
+    u = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_R, BLOCK_C))
+    return tl.uint_to_uniform_float(u) >= p
 
 
 @triton.jit
@@ -276,7 +287,7 @@ def _gemm_tile(
                                R0, R1, True)
             lora = tl.dot(hs, e_tile.to(dt), input_precision=INPUT_PRECISION)
             if EPI_DROPOUT:
-                keep = _dropout_keep(drop_seed, rows64, cols, C, drop_p)
+                keep = _dropout_keep(drop_seed, rows64, pid_n * BLOCK_N, C, drop_p, BLOCK_M, BLOCK_N)
                 lora = tl.where(keep, lora * (1.0 / (1.0 - drop_p)), 0.0)
             if SPLIT_OUT:
                 tl.store(out2_ptr + rows64[:, None] * stride_o2m + cols[None, :] * stride_o2c,
@@ -361,7 +372,7 @@ def _shrink_kernel(
         xt = tl.load(x_ptr + rows64[:, None] * stride_xm + k[None, :] * stride_xk,
                      mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if DROPOUT:
-            keep = _dropout_keep(drop_seed, rows64, k, K, drop_p)
+            keep = _dropout_keep(drop_seed, rows64, k0, K, drop_p, BLOCK_M, BLOCK_K)
             xt = tl.where(keep, xt.to(tl.float32) * (1.0 / (1.0 - drop_p)), 0.0).to(dt)
         s_tile = _load_cat(ss_ptr, ss_sj, ss_sk, st_task_ptr, st_sj, st_sk, offs_j, k, k_mask, R0, R1, False)
         h = tl.dot(xt, s_tile.to(dt), h, input_precision=INPUT_PRECISION)
@@ -475,7 +486,7 @@ def _seg_outer_kernel(
         pt = tl.load(p_ptr + rows64[:, None] * stride_pm + cols[None, :] * stride_pc,
                      mask=row_mask[:, None] & col_mask[None, :], other=0.0)  # [BLOCK_L, BLOCK_C]
         if DROPOUT:
-            keep = _dropout_keep(drop_seed, rows64, cols, C, drop_p)
+            keep = _dropout_keep(drop_seed, rows64, tl.program_id(1) * BLOCK_C, C, drop_p, BLOCK_L, BLOCK_C)
             pt = tl.where(keep, pt.to(tl.float32) * (1.0 / (1.0 - drop_p)), 0.0).to(dt)
         qt = tl.load(q_ptr + rows64[:, None] * stride_qm + offs_j[None, :] * stride_qj,
                      mask=row_mask[:, None], other=0.0)
@@ -494,7 +505,7 @@ def _dropout_mask_kernel(out_ptr, n_rows, C, drop_seed, drop_p, BLOCK_M: tl.cons
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     rows64 = rows.to(tl.int64)
-    keep = _dropout_keep(drop_seed, rows64, cols, C, drop_p)
+    keep = _dropout_keep(drop_seed, rows64, tl.program_id(1) * BLOCK_C, C, drop_p, BLOCK_M, BLOCK_C)
     tl.store(out_ptr + rows64[:, None] * C + cols[None, :], keep.to(tl.uint8),
              mask=(rows[:, None] < n_rows) & (cols[None, :] < C))
 
@@ -736,8 +747,9 @@ def dropout_keep_mask(seed: int, n_rows: int, width: int, p: float, device) -> t
     ``lora_x = x * mask / (1 - p)`` reproduces the fused-dropout path exactly (tests, debugging)."""
     out = torch.empty(n_rows, width, dtype=torch.uint8, device=device)
     if out.numel():
-        grid = (triton.cdiv(n_rows, 16), triton.cdiv(width, 32))
-        _dropout_mask_kernel[grid](out, n_rows, width, int(seed), float(p), BLOCK_M=16, BLOCK_C=32)
+        # Tile shape unlike every kernel's (8 x 16): the mask must not depend on it (the tests rely on that).
+        grid = (triton.cdiv(n_rows, 8), triton.cdiv(width, 16))
+        _dropout_mask_kernel[grid](out, n_rows, width, int(seed), float(p), BLOCK_M=8, BLOCK_C=16)
     return out.bool()
 
 

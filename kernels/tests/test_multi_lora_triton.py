@@ -182,6 +182,21 @@ def _with_dropout_mask(case, p, seed):
     return keep
 
     
+def test_dropout_mask_statistics():
+    """The Philox keep mask: keep rate 1 - p overall, in each column phase mod 4 (the 4 outputs of one Philox
+    call) and per row; different seeds and neighbouring rows give different masks; odd widths work."""
+    p = 0.3
+    keep = dropout_keep_mask(5, 64, 102, p, DEVICE).float()  # deterministic: fixed seeds
+    assert keep.shape == (64, 102)
+    assert abs(keep.mean().item() - (1 - p)) < 0.02
+    for phase in range(4):
+        assert abs(keep[:, phase::4].mean().item() - (1 - p)) < 0.04, phase
+    assert keep.mean(1).min() > 0.5 and keep.mean(1).max() < 0.9
+    assert (keep[1:] != keep[:-1]).float().mean() > 0.3          # rows are not copies of each other
+    other = dropout_keep_mask(6, 64, 102, p, DEVICE).float()
+    assert (other != keep).float().mean() > 0.3
+
+
 @pytest.mark.parametrize("base", ["triton", "cublas"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_fused_dropout_matches_reference_with_same_mask(kt, base, dtype):
