@@ -940,7 +940,9 @@ def multi_lora_linear_triton(x, weight, bias, shared_a, shared_b, task_a, task_b
     Shapes: x, lora_x [..., d_in] (rows sorted by task); weight [d_out, d_in]; bias [d_out] | None;
     shared_a [r0, d_in], shared_b [d_out, r0] | None; task_a [T, r, d_in], task_b [T, d_out, r] | None;
     seg_offsets [T + 1] integer tensor on x's device (never read on the host). Returns [..., d_out].
-    ``fuse_shrink``: None = heuristic, True/False force the shrink into / out of the GEMM (benchmarking).
+    ``fuse_shrink``: where the forward shrink goes with ``base="triton"``: None = the width rule
+    (``d_out <= FUSE_MAX_WIDTH``), True/False force it into / out of the GEMM's K loop (benchmark, win table).
+    The backward always takes g from the one pass over dY that also gives dB.
     ``param_grad_rows``: [N] bool or None, rows whose adapter parameter gradients count (see the reference).
     ``lora_dropout``: LoRA dropout probability applied inside the kernels (Philox keep mask from
     ``dropout_seed``; None draws a seed from torch's CPU generator, so checkpoint recomputation replays it);
