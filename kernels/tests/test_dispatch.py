@@ -144,3 +144,41 @@ def test_task_segments_tile_list_is_built_once_per_batch():
     assert torch.equal(tiles, build_tile_list(torch.tensor([0, 8, 12]), 12))
     seg.set(torch.tensor([0, 1, 3]))
     assert not torch.equal(seg.tile_list(4, n_tokens=12), tiles)       # a new batch, a new list
+
+
+def test_model_layer_hands_dropout_and_segments_to_the_kernels(kt):
+    """ckf_dist.model's MultiLoRALinear on the Triton path (interpreter): eval output equals the torch path;
+    in training its dropout probability reaches the fused kernels (seeded from torch's CPU generator, so a
+    reseed replays it) and the per-batch offsets are validated against the layer's token count."""
+    from ckf_dist.kernels.multi_lora_triton import dropout_keep_mask
+    from ckf_dist.model.multi_lora import MultiLoRALinear, TaskSegments
+
+    torch.manual_seed(0)
+    segments = TaskSegments()
+    layer = MultiLoRALinear(torch.nn.Linear(16, 12), segments, num_tasks=2, rank=2, alpha=4.0, dropout=0.25,
+                            shared=True, per_task=True, impl="triton")
+    with torch.no_grad():
+        layer.shared_b.normal_()
+        layer.task_b.normal_()
+    x = torch.randn(3, 4, 16)
+    segments.set(torch.tensor([0, 1, 3]))
+    layer.eval()
+    y = layer(x)
+    layer.impl = "torch"
+    assert kt.within(kt.rel_err(y, layer(x)), 1e-6)
+    layer.impl = "triton"
+    layer.train()
+    torch.manual_seed(1)
+    y1 = layer(x)
+    torch.manual_seed(1)
+    seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
+    keep = dropout_keep_mask(seed, 12, 16, 0.25, "cpu")
+    flat = x.reshape(12, 16)
+    ref = multi_lora_linear_reference(flat, layer.weight, layer.bias, layer.shared_a, layer.shared_b, layer.task_a,
+                                      layer.task_b, torch.tensor([0, 4, 12]), 2.0, 2.0, lora_x=flat * keep / 0.75)
+    assert kt.within(kt.rel_err(y1.reshape(12, 12), ref), 1e-6)
+    y1.sum().backward()
+    assert layer.task_a.grad is not None and bool(torch.isfinite(layer.task_a.grad).all())
+    segments.set(torch.tensor([0, 1, 2]))  # 2 rows of offsets for a 3-row batch
+    with pytest.raises(ValueError, match="end at the row count 12"):
+        layer(x)
