@@ -16,8 +16,11 @@ One step = zero_grad + forward + loss + backward + grad-norm clip + AdamW step o
               nonzero(task == t) -> index_select -> LoRA -> index_add per task; benchmark-only)
   torch       impl="torch": the segment reference (one GEMM pair per task segment of the sorted rows)
   triton      impl="triton": the fused kernels (CUDA only, or under TRITON_INTERPRET=1)
+  side        impl="side": cuBLAS base GEMMs + the Triton LoRA side kernels (impl="auto"'s CUDA fallback)
 The LoRA B matrices are randomised (they start at 0) so that the LoRA path changes the loss; the loss and the
-gradients of the first step (same dropout seed) are compared across variants as a sanity check.
+gradients of the first step are compared across variants as a sanity check, with LoRA dropout off for that
+step (the Triton paths fuse dropout with their own Philox mask, so masks differ across variants); the timed
+steps use ``--dropout``. Run with ``--dropout 0`` and the default to compare the step with dropout off and on.
 """
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ from ckf_dist.kernels import segment_offsets
 from ckf_dist.model.multi_lora import MultiLoRALinear
 
 IGNORE = -100
-VARIANTS = {"index_loop": "per-task index loop", "torch": "torch (segments)", "triton": "triton (fused)"}
+VARIANTS = {"index_loop": "per-task index loop", "torch": "torch (segments)", "triton": "triton (fused)",
+            "side": "cuBLAS + side kernels"}
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -242,8 +246,16 @@ def bench_variant(model, batch, variant: str, initial: list[torch.Tensor], args,
 
     torch.manual_seed(args.seed)
     model.zero_grad(set_to_none=True)
-    loss = model(batch, text_weight=0.5, task_weights=task_weights)["loss"]
-    loss.backward()
+    layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
+    dropouts = [layer.dropout for layer in layers]
+    for layer in layers:  # the checked step compares variants: no dropout (masks are implementation-specific)
+        layer.dropout = None
+    try:
+        loss = model(batch, text_weight=0.5, task_weights=task_weights)["loss"]
+        loss.backward()
+    finally:
+        for layer, d in zip(layers, dropouts):
+            layer.dropout = d
     first_loss, first_grads = float(loss.detach()), _flat_grads(trainable)
     del loss
 
@@ -322,8 +334,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for v in variants:
         if v not in VARIANTS:
             raise SystemExit(f"unknown variant {v!r}; expected some of {list(VARIANTS)}")
-    if "triton" in variants and not triton_ok:
-        raise SystemExit("variant triton needs CUDA (or TRITON_INTERPRET=1 set before start)")
+    for v in ("triton", "side"):
+        if v in variants and not triton_ok:
+            raise SystemExit(f"variant {v} needs CUDA (or TRITON_INTERPRET=1 set before start)")
     shape = TINY_CPU if tiny else TINYLLAMA_1B
     shape = dataclasses.replace(shape, **{k: v for k, v in (("rows", args.rows), ("seq_len", args.seq_len),
                                                             ("rank", args.rank)) if v is not None})

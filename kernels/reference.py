@@ -50,7 +50,8 @@ def multi_lora_linear_reference(
         y = y + shared_scale * _lora(lx, shared_a, shared_b, param_grad_rows)
     if task_a is not None:
         # One GEMM pair per task over its contiguous row segment (T <= 16 iterations, no per-row gather).
-        bounds = seg_offsets.tolist()
+        bounds = seg_offsets.tolist()  # the torch path syncs anyway: the exact check below is free
+        _check_bounds(bounds, task_a.shape[0], x.shape[0])
         parts = []
         for t in range(task_a.shape[0]):
             lo, hi = bounds[t], bounds[t + 1]
@@ -60,6 +61,34 @@ def multi_lora_linear_reference(
         if parts:
             y = y + task_scale * torch.cat(parts, dim=0)
     return y
+
+
+def _check_bounds(bounds, num_tasks: int, n_rows: int) -> None:
+    """Raises ValueError unless ``bounds`` (T + 1 ints) start at 0, never decrease and end at ``n_rows``."""
+    if len(bounds) != num_tasks + 1:
+        raise ValueError(f"seg_offsets has {len(bounds)} entries, expected T + 1 = {num_tasks + 1}")
+    if bounds[0] != 0 or any(b < a for a, b in zip(bounds, bounds[1:])) or bounds[-1] != n_rows:
+        raise ValueError(f"seg_offsets {bounds} must start at 0, never decrease and end at the row count "
+                         f"{n_rows}: rows not covered by a segment would get no LoRA term")
+
+
+def check_segment_offsets(seg_offsets: torch.Tensor, n_rows: int) -> None:
+    """Validates [T + 1] segment offsets against ``n_rows`` rows: start 0, non-decreasing, end ``n_rows``.
+
+    Offsets in host memory are checked exactly (ValueError). Offsets on a GPU are checked without a host sync:
+    ``torch._assert_async`` queues the test on the device, and a violation surfaces as a device-side assert
+    error at the next synchronisation (it poisons the CUDA context: a bug, not a recoverable condition). The
+    model validates its offsets once per batch (``TaskSegments``) and the layers skip the per-call check.
+    """
+    if seg_offsets.dim() != 1 or seg_offsets.numel() < 1:
+        raise ValueError(f"seg_offsets must be a 1-D [T + 1] tensor, got shape {tuple(seg_offsets.shape)}")
+    if seg_offsets.device.type == "cpu":
+        _check_bounds(seg_offsets.tolist(), seg_offsets.numel() - 1, n_rows)
+        return
+    ok = (seg_offsets[0] == 0) & (seg_offsets[-1] == n_rows)
+    if seg_offsets.numel() > 1:
+        ok = ok & (seg_offsets[1:] >= seg_offsets[:-1]).all()
+    torch._assert_async(ok, "seg_offsets must start at 0, never decrease and end at the row count")
 
 
 def _lora(lx: torch.Tensor, a: torch.Tensor, b: torch.Tensor, param_grad_rows: Optional[torch.Tensor]) -> torch.Tensor:

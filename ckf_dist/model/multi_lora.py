@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ckf_dist.kernels import multi_lora_linear
+from ckf_dist.kernels import check_segment_offsets, multi_lora_linear
 
 
 @dataclass
@@ -35,6 +35,7 @@ class TaskSegments:
     param_grad_tokens: Optional[torch.Tensor] = None
     _token_offsets: dict = field(default_factory=dict)
     _token_grad_rows: dict = field(default_factory=dict)
+    _tile_lists: dict = field(default_factory=dict)
 
     def set(self, row_offsets: torch.Tensor, param_grad_rows: Optional[torch.Tensor] = None,
             param_grad_tokens: Optional[torch.Tensor] = None) -> None:
@@ -43,6 +44,7 @@ class TaskSegments:
         self.param_grad_tokens = param_grad_tokens
         self._token_offsets = {}
         self._token_grad_rows = {}
+        self._tile_lists = {}
 
     def token_grad_rows(self, seq_len: int) -> Optional[torch.Tensor]:
         """[B * L] bool over the flattened tokens (cached per sequence length), or None."""
@@ -57,12 +59,28 @@ class TaskSegments:
             self._token_grad_rows[seq_len] = self.param_grad_rows.repeat_interleave(seq_len)
         return self._token_grad_rows[seq_len]
 
-    def token_offsets(self, seq_len: int) -> torch.Tensor:
-        """[T + 1] offsets over the flattened [B * L] tokens (cached per sequence length)."""
+    def tile_list(self, seq_len: int, n_tokens: int) -> torch.Tensor:
+        """The Triton GEMM's row-tile list over the flattened tokens (``build_tile_list``), built once per batch
+        and sequence length and shared by every layer (no per-program scan of the offsets, no host sync)."""
+        if seq_len not in self._tile_lists:
+            from ckf_dist.kernels.multi_lora_triton import build_tile_list  # lazy: Triton only where it runs
+
+            self._tile_lists[seq_len] = build_tile_list(self.token_offsets(seq_len, n_tokens), n_tokens)
+        return self._tile_lists[seq_len]
+
+    def token_offsets(self, seq_len: int, n_tokens: Optional[int] = None) -> torch.Tensor:
+        """[T + 1] offsets over the flattened [B * L] tokens (cached per sequence length).
+
+        ``n_tokens`` (B * L of the calling layer): the offsets are validated against it once, when first built
+        for this length (``check_segment_offsets``: exact for host offsets, an async device assert for GPU
+        ones, no host sync), so the layers skip the per-call check of the kernels."""
         if self.row_offsets is None:
             raise RuntimeError("Multi-LoRA layer called before the batch's task segments were set")
         if seq_len not in self._token_offsets:
-            self._token_offsets[seq_len] = self.row_offsets * seq_len
+            offsets = self.row_offsets * seq_len
+            if n_tokens is not None:
+                check_segment_offsets(offsets, n_tokens)
+            self._token_offsets[seq_len] = offsets
         return self._token_offsets[seq_len]
 
 
@@ -100,12 +118,16 @@ class MultiLoRALinear(nn.Module):
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
         seq_len = x.shape[1] if x.dim() == 3 else 1
-        offsets = self.segments.token_offsets(seq_len)
-        lora_x = self.dropout(flat) if (self.dropout is not None and self.training) else None
+        offsets = self.segments.token_offsets(seq_len, n_tokens=flat.shape[0])
+        # LoRA dropout is passed as a probability: the Triton paths fuse it (Philox mask, no dropped copy of x),
+        # the torch path applies F.dropout (the same RNG stream as nn.Dropout).
+        p = self.dropout.p if (self.dropout is not None and self.training) else 0.0
         grad_rows = self.segments.token_grad_rows(seq_len) if torch.is_grad_enabled() else None
+        # The Triton paths (CUDA) read their row tiles from a list built once per batch; the torch path ignores it.
+        tiles = self.segments.tile_list(seq_len, flat.shape[0]) if (flat.is_cuda and self.task_a is not None) else None
         y = multi_lora_linear(flat, self.weight, self.bias, self.shared_a, self.shared_b, self.task_a, self.task_b,
-                              offsets, self.scale, self.scale, lora_x=lora_x, impl=self.impl,
-                              param_grad_rows=grad_rows)
+                              offsets, self.scale, self.scale, lora_dropout=p, impl=self.impl,
+                              param_grad_rows=grad_rows, check_segments=False, tiles=tiles)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

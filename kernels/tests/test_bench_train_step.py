@@ -97,11 +97,14 @@ def test_tiny_run_times_each_variant_and_losses_agree(tmp_path, capsys):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_1b_step_all_variants_gpu(tmp_path):
-    """The real 1.1B shape in bf16: every variant runs and the first-step losses/gradients agree."""
-    result = bench.main(["--warmup", "1", "--steps", "2", "--json", str(tmp_path / "step.json")])
+@pytest.mark.parametrize("dropout", ["0", "0.1"])
+def test_1b_step_all_variants_gpu(tmp_path, dropout):
+    """The real 1.1B shape in bf16, LoRA dropout off and on (fused in the Triton variants): every variant runs
+    and the first-step losses/gradients (checked without dropout) agree."""
+    result = bench.main(["--warmup", "1", "--steps", "2", "--dropout", dropout, "--json", str(tmp_path / "step.json")])
+    assert result["dropout"] == float(dropout)
     assert result["llm_params"] > 1_000_000_000
-    assert set(result["variants"]) == {"index_loop", "torch", "triton"}
+    assert set(result["variants"]) == {"index_loop", "torch", "triton", "side"}
     for v in result["variants"].values():
         assert "error" not in v, v
     # bf16 through 22 layers: loose bounds (the index loop, torch and triton round differently).

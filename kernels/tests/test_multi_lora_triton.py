@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ckf_dist.kernels import multi_lora_linear, multi_lora_linear_reference
-from ckf_dist.kernels.multi_lora_triton import MultiLoRALinear, multi_lora_linear_triton
+from ckf_dist.kernels.multi_lora_triton import MultiLoRALinear, dropout_keep_mask, multi_lora_linear_triton
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -57,6 +57,10 @@ INTERP_CASES = {  # name: (counts, d_in, d_out, r, r0, lora_x, fuse_shrink)
     "rank_1": ([6, 11], 20, 18, 1, 1, False, None),
     "rank_64_plus_64": ([5, 12], 18, 20, 64, 64, False, False),
     "sixteen_tasks": ([3, 0, 0, 1, 0, 2, 0, 0, 4, 0, 0, 0, 1, 0, 0, 5], 17, 19, 2, 2, False, True),
+    # 70 rows > the interpreter's CHUNK (32): three row chunks of one task add into the same adapter gradient
+    # through the fp32 atomics, and the shared gradient sums chunks of two tasks.
+    "long_segment": ([70, 0, 5], 20, 24, 4, 2, False, None),
+    "long_segment_lora_x": ([3, 66], 18, 21, 3, 3, True, None),
 }
 
 
@@ -67,7 +71,7 @@ def test_triton_matches_reference_fp32(kt, name):
     check_against_reference(kt, case, tol=1e-5 if not HAS_CUDA else 2e-5, fuse_shrink=fuse)
 
 
-@pytest.mark.parametrize("name", ["mixed_fused", "mixed_separate_shrink", "empty_segments", "lora_x"])
+@pytest.mark.parametrize("name", ["mixed_fused", "mixed_separate_shrink", "empty_segments", "lora_x", "long_segment"])
 def test_triton_matches_reference_fp16(kt, name):
     counts, d_in, d_out, r, r0, lx, fuse = INTERP_CASES[name]
     case = kt.Case(counts, d_in, d_out, r, r0, dtype=torch.float16, device=DEVICE, lora_x=lx)
@@ -96,6 +100,227 @@ def test_triton_param_grad_rows_matches_per_row_oracle_fp32(kt, name, pattern):
     for k in ("x", "lora_x"):
         if k in g:
             kt.close(g[k], g_plain[k], rtol=1e-6, atol=1e-6, name=f"d{k} (every row, routing or not)")
+
+
+def test_long_segment_really_spans_several_chunks():
+    """The long_segment cases above only test the multi-chunk atomic path if a segment exceeds the CHUNK the
+    interpreter launcher uses; guard that assumption."""
+    from ckf_dist.kernels import multi_lora_triton as mlt
+
+    chunk = mlt._seg_outer_meta(torch.float32, n_rows=75, c_dim=24)["CHUNK"]
+    assert max(INTERP_CASES["long_segment"][0]) > 2 * chunk
+    assert max(INTERP_CASES["long_segment_lora_x"][0]) > 2 * chunk
+
+
+def _strided(t: torch.Tensor, how: str) -> torch.Tensor:
+    """A non-contiguous view holding t's values: "cols" = every other column of a wider buffer, "t" = the
+    transpose of a transposed contiguous copy (column-major storage)."""
+    if how == "cols":
+        buf = torch.full((*t.shape[:-1], 2 * t.shape[-1]), float("nan"), dtype=t.dtype, device=t.device)
+        buf[..., ::2] = t.detach()
+        view = buf[..., ::2]
+    else:
+        view = t.detach().transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not view.is_contiguous() and torch.equal(view, t.detach())
+    return view.requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_triton_noncontiguous_views_fp32(kt, fuse):
+    """x, lora_x, W, the adapters and dY as strided views (never copied to contiguous by the launchers):
+    same values, same results as the reference on contiguous tensors."""
+    case = kt.Case([9, 0, 35], 19, 23, 3, 2, device=DEVICE, lora_x=not fuse)
+    x = _strided(case.x, "cols")
+    w = _strided(case.weight, "t")
+    sa, sb = _strided(case.shared_a, "t"), _strided(case.shared_b, "cols")
+    ta, tb = _strided(case.task_a, "cols"), _strided(case.task_b, "t")
+    lx = _strided(case.lora_x, "t") if case.lora_x is not None else None
+    dy = case.dy[:1].expand(case.dy.shape)  # stride 0 over rows, as autograd hands out for a broadcast loss
+    leaves = [t for t in (x, sa, sb, ta, tb, lx) if t is not None]
+    y = multi_lora_linear_triton(x, w, case.bias, sa, sb, ta, tb, case.seg, case.shared_scale, case.task_scale,
+                                 lora_x=lx, fuse_shrink=fuse)
+    got = torch.autograd.grad(y, leaves, dy)
+    ref_leaves = [t.detach().double().contiguous().requires_grad_() for t in leaves]
+    rx, rsa, rsb, rta, rtb = ref_leaves[:5]
+    rlx = ref_leaves[5] if lx is not None else None
+    y64 = multi_lora_linear_reference(rx, w.double(), case.bias.double(), rsa, rsb, rta, rtb, case.seg,
+                                      case.shared_scale, case.task_scale, lora_x=rlx)
+    want = torch.autograd.grad(y64, ref_leaves, dy.double())
+    tol = 1e-5 if not HAS_CUDA else 2e-5
+    kt.close(y, y64, rtol=tol, atol=tol, name="y")
+    for name, a, b in zip(("dx", "dA0", "dB0", "dA", "dB", "dlora_x"), got, want):
+        kt.close(a, b, rtol=tol, atol=tol, name=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("fuse", [True, False])
+def test_lora_delta_alone_matches_reference_delta(kt, dtype, fuse):
+    """The LoRA term checked on its own: with a zero base weight and no bias the output *is* the LoRA delta, so
+    a low-precision check of y is not dominated by the base term (as it is with x W^T in y). Also in fp32 with
+    the base weight on: (y - x W^T - b) against the float64 reference delta."""
+    case = kt.Case([13, 0, 40], 24, 20, 4, 3, dtype=dtype, device=DEVICE, bias=False)
+    case.weight = torch.zeros_like(case.weight)
+    tol = {torch.float32: 1e-5, torch.float16: 1e-2}[dtype]
+    check_against_reference(kt, case, tol=tol, fuse_shrink=fuse)
+    if dtype == torch.float32:
+        case = kt.Case([13, 0, 40], 24, 20, 4, 3, dtype=dtype, device=DEVICE, scales=(0.02, 0.01))
+        base = torch.nn.functional.linear(case.x.double(), case.weight.double(), case.bias.double())
+        delta = multi_lora_linear_triton(*case.args(), fuse_shrink=fuse).double() - base
+        delta64 = multi_lora_linear_reference(*case.args(lambda t: t.double())) - base
+        assert kt.rel_err(delta64, 0 * delta64) > 0  # the delta is not zero: the check below means something
+        err = kt.rel_err(delta, delta64)
+        # Output rounding of y (|y| eps) bounds how well the delta can be recovered from y in fp32.
+        bound = 4 * torch.finfo(dtype).eps * base.abs().max().item() / delta64.abs().max().item() + 1e-5
+        assert kt.within(err, bound), (err, bound)
+
+
+def _with_dropout_mask(case, p, seed):
+    """The reference's view of fused dropout: lora_x = x * keep / (1 - p) with the kernels' Philox mask, as a
+    function of x (so dX collects both the base and the LoRA path, as the fused kernels' dX does)."""
+    keep = dropout_keep_mask(seed, case.x.shape[0], case.x.shape[1], p, case.x.device)
+    assert 0 < keep.float().mean() < 1  # the mask drops some and keeps some: the test can tell
+    return keep
+
+    
+def test_dropout_mask_statistics():
+    """The Philox keep mask: keep rate 1 - p overall, in each column phase mod 4 (the 4 outputs of one Philox
+    call) and per row; different seeds and neighbouring rows give different masks; odd widths work."""
+    p = 0.3
+    keep = dropout_keep_mask(5, 64, 102, p, DEVICE).float()  # deterministic: fixed seeds
+    assert keep.shape == (64, 102)
+    assert abs(keep.mean().item() - (1 - p)) < 0.02
+    for phase in range(4):
+        assert abs(keep[:, phase::4].mean().item() - (1 - p)) < 0.04, phase
+    assert keep.mean(1).min() > 0.5 and keep.mean(1).max() < 0.9
+    assert (keep[1:] != keep[:-1]).float().mean() > 0.3          # rows are not copies of each other
+    other = dropout_keep_mask(6, 64, 102, p, DEVICE).float()
+    assert (other != keep).float().mean() > 0.3
+
+
+@pytest.mark.parametrize("base", ["triton", "cublas"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_fused_dropout_matches_reference_with_same_mask(kt, base, dtype):
+    """LoRA dropout inside the kernels (Philox in the shrink, the dX epilogue and the dA pass) against the
+    float64 reference fed lora_x = x * mask / (1 - p) built from ``dropout_keep_mask`` with the same seed;
+    a long segment (several row chunks) and gradient routing included."""
+    p, seed = 0.3, 1234
+    case = kt.Case([40, 0, 11], 21, 19, 3, 2, dtype=dtype, device=DEVICE)
+    keep = _with_dropout_mask(case, p, seed)
+    mask = kt.grad_rows(case.x.shape[0], "mixed", device=DEVICE)
+    y, g = kt.run(multi_lora_linear_triton, case, lora_dropout=p, dropout_seed=seed, base=base, param_grad_rows=mask)
+
+    def ref(x, *args, lora_x=None, param_grad_rows=None):
+        return multi_lora_linear_reference(x, *args, lora_x=x * keep.to(x.dtype) / (1 - p),
+                                           param_grad_rows=param_grad_rows)
+    y64, g64 = kt.run(ref, case, cast=lambda t: t.double(), param_grad_rows=mask)
+    tol = {torch.float32: 1e-5 if not HAS_CUDA else 2e-5, torch.float16: 1e-2}[dtype]
+    errs = {"y": kt.rel_err(y, y64)} | {k: kt.rel_err(g[k], g64[k]) for k in g64}
+    assert g.keys() == g64.keys() and all(kt.within(e, tol) for e in errs.values()), errs
+    # Same seed -> same output; another seed -> another mask -> another output (the seed is used).
+    y2 = multi_lora_linear_triton(*case.args(), lora_dropout=p, dropout_seed=seed, base=base)
+    y3 = multi_lora_linear_triton(*case.args(), lora_dropout=p, dropout_seed=seed + 1, base=base)
+    assert torch.equal(y2, y) and not torch.equal(y3, y)
+
+
+@pytest.mark.parametrize("name", ["mixed_separate_shrink", "empty_segments", "lora_x", "long_segment", "shared_only",
+                                  "task_only"])
+def test_side_path_cublas_base_matches_reference_fp32(kt, name):
+    """base="cublas" (the safe fallback of impl="auto"): cuBLAS/torch for x W^T and dY W, the LoRA terms added by
+    the side kernels in place; against the float64 reference, forward and backward."""
+    counts, d_in, d_out, r, r0, lx, _ = INTERP_CASES[name]
+    case = kt.Case(counts, d_in, d_out, r, r0, dtype=torch.float32, device=DEVICE, lora_x=lx)
+    check_against_reference(kt, case, tol=1e-5 if not HAS_CUDA else 2e-5, base="cublas")
+
+
+def test_uncovered_rows_raise(kt):
+    """Rows beyond the last offset would get no LoRA term (the old kernel left them unwritten): the Triton path
+    and the torch path both refuse such offsets, and decreasing or non-zero-start offsets."""
+    case = kt.Case([5, 6], 16, 16, 2, 2, device=DEVICE)
+    x, w, b, sa, sb, ta, tb, seg, s0, s1 = case.args()
+    for bad in ([0, 5, 10], [0, 7, 5], [1, 5, 11], [0, 5, 12]):
+        bad_seg = torch.tensor(bad, device=DEVICE)
+        with pytest.raises(ValueError, match="seg_offsets"):
+            multi_lora_linear_triton(x, w, b, sa, sb, ta, tb, bad_seg, s0, s1)
+        with pytest.raises(ValueError, match="seg_offsets"):
+            multi_lora_linear(x, w, b, sa, sb, ta, tb, bad_seg, s0, s1, impl="torch")
+    # The check can be skipped by callers that validated once per batch; valid offsets still run.
+    kt.close(multi_lora_linear_triton(*case.args(), check_segments=False), multi_lora_linear_reference(*case.args()),
+             rtol=1e-5, atol=1e-5, name="y")
+
+
+_AUTOTUNE_CPU_CODE = """
+import torch
+from ckf_dist.kernels import multi_lora_linear_reference, segment_offsets
+from ckf_dist.kernels import multi_lora_triton as mlt
+from ckf_dist.testing import max_rel_err, within_tol
+assert mlt._AUTOTUNE and mlt._INTERPRET
+mlt.POISON_OUTPUTS = True
+g = torch.Generator().manual_seed(0)
+T, n, d_in, d_out = 3, 41, 24, 40
+seg = segment_offsets(torch.repeat_interleave(torch.arange(T), torch.tensor([9, 0, 32])), T)
+mk = lambda *s, sc=1.0: (torch.randn(*s, generator=g) * sc).requires_grad_()
+x, sa, sb, ta, tb = mk(n, d_in), mk(3, d_in, sc=0.2), mk(d_out, 3), mk(T, 2, d_in, sc=0.2), mk(T, d_out, 2)
+w, dy = torch.randn(d_out, d_in, generator=g) * 0.2, torch.randn(n, d_out, generator=g)
+leaves = [x, sa, sb, ta, tb]
+args64 = [t.detach().double().requires_grad_() for t in leaves]
+ref = multi_lora_linear_reference(args64[0], w.double(), None, *args64[1:], seg, 2.0, 0.5)
+want = torch.autograd.grad(ref, args64, dy.double())
+for kw in (dict(base="triton", fuse_shrink=True), dict(base="triton", fuse_shrink=False), dict(base="cublas")):
+    y = mlt.multi_lora_linear_triton(x, w, None, sa, sb, ta, tb, seg, 2.0, 0.5, **kw)
+    got = torch.autograd.grad(y, leaves, dy)
+    for name, a, b in zip(("y", "dx", "dA0", "dB0", "dA", "dB"), (y,) + got, (ref,) + want):
+        assert within_tol(max_rel_err(a, b), 1e-5), (kw, name, max_rel_err(a, b))
+keys = list(mlt._multi_lora_gemm.cache)
+# forward (stride_wk == 1) and backward (stride_wk == d_in) layouts and the in-place side epilogue tuned apart
+assert len(keys) == 5, keys
+assert all(c.kwargs["BLOCK_M"] == 32 for c in mlt._multi_lora_gemm.cache.values())
+print("ok", len(keys))
+"""
+
+
+def test_autotuned_path_forward_backward_cpu():
+    """The autotuned launcher (the GPU default) under the interpreter, forward and backward, for the fused,
+    separate and side (in-place ACCUMULATE: restore_value must undo the timed runs) variants; the autotuner
+    keeps separate entries per layout and variant and uses the config it picked."""
+    env = dict(os.environ, CKF_LORA_AUTOTUNE="1", TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", _AUTOTUNE_CPU_CODE], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("counts", [[9, 14, 6], [0, 19, 0, 0, 7, 0], [0, 0, 0], [70, 0, 5], [16, 32, 1]])
+def test_build_tile_list_matches_the_offset_scan(counts):
+    """The batch's tile list (built once with torch ops) lists, per block size, exactly the row tiles the
+    kernels' on-device offset scan would find: task by task, never crossing a segment, -1 after the last."""
+    from ckf_dist.kernels import segment_offsets
+    from ckf_dist.kernels.multi_lora_triton import TILE_BLOCKS, build_tile_list
+
+    T, n = len(counts), sum(counts)
+    seg = segment_offsets(torch.repeat_interleave(torch.arange(T), torch.tensor(counts)), T)
+    tiles = build_tile_list(seg, n)
+    max_tiles = -(-n // 16) + T
+    assert tiles.shape == (len(TILE_BLOCKS), 2, max_tiles) and tiles.dtype == torch.int32
+    for b, block in enumerate(TILE_BLOCKS):
+        want = [(t, lo) for t in range(T) for lo in range(int(seg[t]), int(seg[t + 1]), block)]
+        want += [(-1, 0)] * (max_tiles - len(want))
+        assert list(zip(tiles[b, 0].tolist(), tiles[b, 1].tolist())) == want, block
+
+
+@pytest.mark.parametrize("persistent", [None, 3])
+@pytest.mark.parametrize("name, base", [("mixed_fused", "triton"), ("empty_segments", "triton"),
+                                        ("sixteen_tasks", "triton"), ("long_segment_lora_x", "cublas")])
+def test_tile_list_and_persistent_grid_match_reference(kt, monkeypatch, name, base, persistent):
+    """The GEMM reading (task, rows) from the batch's tile list, on a normal and on a persistent grid (3
+    programs walking all tiles: the loop runs many times), forward and backward, against the reference."""
+    from ckf_dist.kernels import multi_lora_triton as mlt
+
+    monkeypatch.setattr(mlt, "PERSISTENT_PROGRAMS", persistent)
+    counts, d_in, d_out, r, r0, lx, fuse = INTERP_CASES[name]
+    case = kt.Case(counts, d_in, d_out, r, r0, dtype=torch.float32, device=DEVICE, lora_x=lx)
+    tiles = mlt.build_tile_list(case.seg, case.x.shape[0])
+    check_against_reference(kt, case, tol=1e-5 if not HAS_CUDA else 2e-5, fuse_shrink=fuse, base=base, tiles=tiles)
+    with pytest.raises(ValueError, match="tiles must be build_tile_list"):
+        multi_lora_linear_triton(*case.args(), tiles=tiles[:, :, :-1])
 
 
 def test_triton_param_grad_rows_through_dispatch_and_3d_input(kt):
@@ -149,6 +374,34 @@ def test_dispatch_and_module(kt):
     layer.impl = "torch"
     kt.close(y, layer(x, case.seg), rtol=1e-5, atol=1e-5, name="module y")
     assert not layer.weight.requires_grad and layer.task_a.shape == (3, 2, 19)
+    kt.close(multi_lora_linear(*case.args(), impl="side"), multi_lora_linear_reference(*case.args()),
+             rtol=1e-5, atol=1e-5, name="y (impl=side)")
+
+
+def test_module_training_dropout_is_fused_and_replayable(kt):
+    """The module in training mode hands its dropout probability to the kernels; the Philox seed comes from
+    torch's CPU generator, so reseeding replays the same mask (what checkpoint recomputation relies on)."""
+    case = kt.Case([5, 11], 16, 12, 2, 2, device=DEVICE)
+    torch.manual_seed(3)
+    layer = MultiLoRALinear(16, 12, num_tasks=2, task_rank=2, shared_rank=2, lora_dropout=0.25, impl="triton")
+    with torch.no_grad():
+        layer.shared_b.normal_()
+        layer.task_b.normal_()
+    layer.to(DEVICE).train()
+    x = case.x.detach()
+    torch.manual_seed(7)
+    y = layer(x, case.seg)
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
+    keep = dropout_keep_mask(seed, 16, 16, 0.25, DEVICE)
+    ref = multi_lora_linear_reference(x, layer.weight, None, layer.shared_a, layer.shared_b, layer.task_a,
+                                      layer.task_b, case.seg, layer.shared_scale, layer.task_scale,
+                                      lora_x=x * keep / 0.75)
+    assert kt.within(kt.rel_err(y, ref), 1e-6), "module y with fused dropout"
+    layer.eval()
+    assert kt.within(kt.rel_err(layer(x, case.seg), multi_lora_linear_reference(
+        x, layer.weight, None, layer.shared_a, layer.shared_b, layer.task_a, layer.task_b, case.seg,
+        layer.shared_scale, layer.task_scale)), 1e-6), "module y in eval (no dropout)"
 
 
 def test_argument_errors(kt):
@@ -158,6 +411,10 @@ def test_argument_errors(kt):
         multi_lora_linear_triton(x, w, b, sa, None, ta, tb, seg, s0, s1)
     with pytest.raises(ValueError, match="seg_offsets"):
         multi_lora_linear_triton(x, w, b, sa, sb, ta, tb, seg[:-1], s0, s1)
+    with pytest.raises(ValueError, match="either lora_x"):
+        multi_lora_linear_triton(x, w, b, sa, sb, ta, tb, seg, s0, s1, lora_x=x, lora_dropout=0.1)
+    with pytest.raises(ValueError, match="base="):
+        multi_lora_linear_triton(x, w, b, sa, sb, ta, tb, seg, s0, s1, base="cutlass")
     # No adapters at all: plain linear.
     kt.close(multi_lora_linear_triton(x, w, b, None, None, None, None, None, s0, s1),
              torch.nn.functional.linear(x, w, b), rtol=1.3e-6, atol=1e-5, name="plain linear")
@@ -182,12 +439,50 @@ GPU_SHAPES = [  # (counts, d_in, d_out, r, r0)
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", range(len(GPU_SHAPES)))
-@pytest.mark.parametrize("variant", ["auto", "fused", "separate", "lora_x"])
+@pytest.mark.parametrize("variant", ["auto", "fused", "separate", "lora_x", "side", "side_lora_x"])
 def test_triton_gpu_grid(kt, dtype, shape, variant):
     counts, d_in, d_out, r, r0 = GPU_SHAPES[shape]
-    case = kt.Case(counts, d_in, d_out, r, r0, dtype=dtype, device="cuda", lora_x=variant == "lora_x")
-    fuse = {"auto": None, "fused": True, "separate": False, "lora_x": None}[variant]
-    check_against_reference(kt, case, tol=GPU_TOL[dtype], fuse_shrink=fuse)
+    case = kt.Case(counts, d_in, d_out, r, r0, dtype=dtype, device="cuda", lora_x=variant.endswith("lora_x"))
+    fuse = {"fused": True, "separate": False}.get(variant)
+    check_against_reference(kt, case, tol=GPU_TOL[dtype], fuse_shrink=fuse,
+                            base="cublas" if variant.startswith("side") else "triton")
+
+
+BENCH_SHAPES = [  # the four shapes of bench_multi_lora: (tokens, d_in, d_out, r, T); shared rank = r
+    (16384, 4096, 4096, 16, 4), (16384, 2048, 2048, 8, 4), (16384, 4096, 4096, 16, 8), (16384, 4096, 11008, 16, 4),
+]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", range(len(BENCH_SHAPES)))
+@pytest.mark.parametrize("base", ["triton", "cublas"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_benchmark_shapes_gpu(kt, dtype, shape, base, dropout):
+    """The benchmark's shapes at full size, both bases, with and without fused dropout, against the float64
+    reference (fed the kernels' Philox mask); uneven task sizes with one empty task."""
+    tokens, d_in, d_out, r, T = BENCH_SHAPES[shape]
+    counts = [tokens // 2, tokens // 4, 0] + [0] * (T - 4) + [tokens - tokens // 2 - tokens // 4]
+    case = kt.Case(counts, d_in, d_out, r, r, dtype=dtype, device="cuda")
+    seed = 99
+    if dropout:
+        keep = dropout_keep_mask(seed, tokens, d_in, dropout, "cuda")
+
+        def ref(x, *args, lora_x=None, param_grad_rows=None):
+            return multi_lora_linear_reference(x, *args, lora_x=x * keep.to(x.dtype) / (1 - dropout))
+    else:
+        ref = multi_lora_linear_reference
+    y, g = kt.run(multi_lora_linear_triton, case, base=base, lora_dropout=dropout, dropout_seed=seed)
+    y64, g64 = kt.run(ref, case, cast=lambda t: t.double())
+    errs = {"y": kt.rel_err(y, y64)} | {k: kt.rel_err(g[k], g64[k]) for k in g64}
+    # The LoRA delta alone (y - x W^T - b), relative to the delta: the y check is dominated by the base term.
+    base64 = torch.nn.functional.linear(case.x.double(), case.weight.double(), case.bias.double())
+    errs["delta"] = kt.rel_err(y.double() - base64, y64 - base64)
+    tol = GPU_TOL[dtype]
+    bound = {"delta": tol + 4 * torch.finfo(dtype).eps * base64.abs().max().item() / (y64 - base64).abs().max().item()}
+    bad = {k: e for k, e in errs.items() if not kt.within(e, bound.get(k, tol))}
+    assert not bad, (bad, bound)
 
 
 @gpu
@@ -207,13 +502,21 @@ def test_triton_param_grad_rows_gpu_bf16(kt, shape):
 def test_no_host_sync_in_forward_backward(kt):
     """seg_offsets stays on the device: the Triton path must not synchronise with the host."""
     case = kt.Case([500, 0, 300], 512, 768, 16, 16, dtype=torch.bfloat16, device="cuda")
-    kt.run(multi_lora_linear_triton, case)  # compile first
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        kt.run(multi_lora_linear_triton, case)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    mask = kt.grad_rows(800, "mixed", device="cuda")
+    from ckf_dist.kernels.multi_lora_triton import build_tile_list
+
+    tiles = build_tile_list(case.seg, 800)
+    for kw in (dict(), dict(base="cublas"), dict(lora_dropout=0.1), dict(base="cublas", lora_dropout=0.1),
+               dict(param_grad_rows=mask), dict(tiles=tiles)):
+        kt.run(multi_lora_linear_triton, case, **kw)  # compile first
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            kt.run(multi_lora_linear_triton, case, **kw)  # seg_offsets check included (async assert)
+            build_tile_list(case.seg, 800)  # the per-batch tile list: device ops only
+            kt.run(multi_lora_linear, case, impl="auto", **{k: v for k, v in kw.items() if k != "base"})
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 @gpu
@@ -232,11 +535,18 @@ def test_autotuned_path_gpu():
         "sa, sb = torch.randn(16, 1024, device=d, dtype=torch.bfloat16) / 32, torch.randn(1536, 16, device=d, dtype=torch.bfloat16)\n"
         "ta, tb = torch.randn(T, 16, 1024, device=d, dtype=torch.bfloat16) / 32, torch.randn(T, 1536, 16, device=d, dtype=torch.bfloat16)\n"
         "args = (x, w, None, sa, sb, ta, tb, seg, 2.0, 4.0)\n"
-        "for fuse in (None, True, False):\n"
-        "    y = multi_lora_linear_triton(*args, fuse_shrink=fuse).float()\n"
-        "    ref = multi_lora_linear_reference(*[a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args])\n"
-        "    err = max_rel_err(y, ref)  # inf on NaN/inf\n"
-        "    assert within_tol(err, 4e-2), err\n"
+        "leaves = [x, sa, sb, ta, tb]\n"
+        "for t in leaves: t.requires_grad_()\n"
+        "dy = torch.randn(3000, 1536, device=d, dtype=torch.bfloat16)\n"
+        "args64 = [a.detach().double().requires_grad_(a.requires_grad) if torch.is_tensor(a) and a.is_floating_point() else a for a in args]\n"
+        "ref = multi_lora_linear_reference(*args64)\n"
+        "want = torch.autograd.grad(ref, [args64[i] for i in (0, 3, 4, 5, 6)], dy.double())\n"
+        "for fuse, base in ((None, 'triton'), (True, 'triton'), (False, 'triton'), (None, 'cublas')):\n"
+        "    y = multi_lora_linear_triton(*args, fuse_shrink=fuse, base=base)\n"
+        "    got = torch.autograd.grad(y, leaves, dy)\n"
+        "    for name, a, b in zip(('y', 'dx', 'dA0', 'dB0', 'dA', 'dB'), (y,) + got, (ref,) + want):\n"
+        "        err = max_rel_err(a, b)  # inf on NaN/inf\n"
+        "        assert within_tol(err, 4e-2), (fuse, name, err)\n"
         "print('ok')\n"
     )
     env = dict(os.environ, CKF_LORA_AUTOTUNE="1")
