@@ -18,7 +18,8 @@ TASKS = ("ctr", "topk", "rating", "explanation", "review_rating")
 # data.tasks default: the four CKF tasks; "review_rating" (review -> rating, the authors' variant) is opt-in.
 DEFAULT_TASKS = ("ctr", "topk", "rating", "explanation")
 # data.column_map keys for data.source=generic (canonical name -> column name in the file).
-GENERIC_COLUMNS = ("user", "item", "rating", "label", "timestamp", "title", "review")
+GENERIC_COLUMNS = ("user", "item", "rating", "label", "timestamp", "title", "review",
+                   "split", "history", "candidates", "cold")
 
 
 class ConfigError(ValueError):
@@ -48,10 +49,16 @@ class DataConfig:
     # Optional item titles: amazon-reviews meta_*.json (asin, title); generic: a CSV/parquet with item + title
     # columns (named through column_map); recbole: the .item file when raw_path holds several.
     meta_path: str = ""
-    # generic: canonical name (user, item, rating | label, timestamp, title, review) -> column in the file;
-    # unmapped names use the canonical name itself.
+    # generic: canonical name (user, item, rating | label, timestamp, title, review, and the benchmark-protocol
+    # columns split, history, candidates, cold) -> column in the file; unmapped names use the canonical name itself.
     column_map: dict[str, str] = field(default_factory=dict)
     csv_delimiter: str = ","  # generic CSV files
+    # generic: separator of the item ids inside a history / candidates CSV field ("" in the field = empty list)
+    list_delimiter: str = "|"
+    # sampled: CTR negatives are sampled never-interacted items (classes balanced); given (generic source with a
+    # label and a split column): every row is a CTR row with its label as given, no sampled negatives, and
+    # label-0 rows stay out of the interaction log (CF training, histories).
+    ctr_labels: str = "sampled"
     max_users: int = 0  # > 0: keep a deterministic sample of this many users (hash of raw id + seed); 0 = all
     # Review sentence used as the explanation answer / review_rating input: the first sentence with at least
     # review_min_words words, cut to review_max_words words.
@@ -269,6 +276,13 @@ def validate(cfg: Config) -> Config:
             {"synthetic", "movielens-100k", "movielens-1m", "amazon-reviews", "recbole", "generic"})
     for key in cfg.data.column_map:
         _choice("data.column_map key", key, set(GENERIC_COLUMNS))
+    _choice("data.ctr_labels", cfg.data.ctr_labels, {"sampled", "given"})
+    if cfg.data.ctr_labels == "given" and cfg.data.source != "generic":
+        raise ConfigError(f"data.ctr_labels=given needs data.source=generic (labels come from its label column), "
+                          f"not {cfg.data.source!r}")
+    if not cfg.data.list_delimiter or cfg.data.list_delimiter == cfg.data.csv_delimiter:
+        raise ConfigError(f"data.list_delimiter={cfg.data.list_delimiter!r} must be non-empty and differ from "
+                          f"data.csv_delimiter={cfg.data.csv_delimiter!r}")
     if cfg.data.max_users < 0:
         raise ConfigError(f"data.max_users={cfg.data.max_users} must be >= 0 (0 = all users)")
     if not 1 <= cfg.data.review_min_words <= cfg.data.review_max_words:

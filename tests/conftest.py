@@ -64,3 +64,13 @@ def tiny():
     from tests.llama_like_tokenizer import CORPUS
 
     return build_tiny_tokenizer(list(CORPUS), 300)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Soak tests are opt-in: they run only when the marker expression names them (``-m soak``)."""
+    if "soak" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="opt-in soak test: run with -m soak")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)

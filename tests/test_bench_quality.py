@@ -28,12 +28,17 @@ def test_table_marks_wins_and_losses_against_the_named_baselines():
         "cf-only": _report({"ctr": {"auc": 0.75}, "rating": {"rmse": 1.10}, "topk": {"hr@10": 0.60}}),
         "text-only": _report({"ctr": {"auc": 0.60}, "rating": {"rmse": 0.90}, "topk": {"hr@10": 0.40}}),
     }}}
+    results["ml100k"][0]["ckf"]["metrics"]["ctr"]["cold"] = {"auc": 0.80}  # cold users: CKF best, no target
+    results["ml100k"][0]["cf-only"]["metrics"]["ctr"]["cold"] = {"auc": 0.55}
     table, records = bench_quality.build_table(results)
-    verdict = {(r["task"], r["metric"]): r["verdicts"] for r in records}
+    verdict = {(r["task"], r["metric"]): r["verdicts"] for r in records if r["group"] == "all"}
     assert verdict[("ctr", "auc")] == ["cf-only: NO", "text-only: yes"]  # higher is better
     assert verdict[("rating", "rmse")] == ["cf-only: yes", "text-only: NO"]  # lower is better
     assert verdict[("topk", "hr@10")] == ["text-only: yes"]  # CF-only HR@10 is reported, not a target
-    assert "| ml100k | ctr | auc (higher better) | 0.7000 | 0.7500 | 0.6000 |" in table
+    assert "| ml100k | ctr | auc (higher better) | all | 0.7000 | 0.7500 | 0.6000 | cf-only |" in table
+    assert "| ml100k | rating | rmse (lower better) | all | 1.0000 | 1.1000 | 0.9000 | text-only |" in table
+    assert "| ml100k | ctr | auc (higher better) | cold | 0.8000 | 0.5500 | n/a | ckf | - |" in table
+    assert not any(r["group"] == "warm" for r in records)  # no run reported warm users: no row
     assert ("explanation", "bleu4") not in verdict  # no run reported it: no row
 
 
@@ -43,7 +48,7 @@ def test_table_says_when_a_baseline_was_not_run_and_averages_seeds():
         1: {"ckf": _report({"rating": {"rmse": 2.0}}), "cf-only": _report({"rating": {"rmse": 1.2}})},
     }}
     _, records = bench_quality.build_table(results)
-    (rmse,) = [r for r in records if r["metric"] == "rmse"]
+    (rmse,) = [r for r in records if r["metric"] == "rmse" and r["group"] == "all"]
     assert rmse["values"]["ckf"] == pytest.approx(1.5) and rmse["values"]["cf-only"] == pytest.approx(1.2)
     assert rmse["verdicts"] == ["cf-only: NO", "text-only: not run"]
 
@@ -74,7 +79,7 @@ def test_benchmark_runs_end_to_end_on_amazon_with_the_tiny_model(tmp_path):
     assert "| amazon | rating | rmse (lower better) |" in table
     assert "| amazon | explanation | bleu4 (higher better) |" in table
     summary = json.loads((out / "quality.json").read_text())
-    (rmse,) = [r for r in summary["records"] if r["task"] == "rating" and r["metric"] == "rmse"]
+    (rmse,) = [r for r in summary["records"] if r["task"] == "rating" and r["metric"] == "rmse" and r["group"] == "all"]
     assert all(isinstance(rmse["values"][run], float) for run in ("ckf", "cf-only", "text-only"))
     assert len(rmse["verdicts"]) == 2 and all(v.split(": ")[1] in ("yes", "NO") for v in rmse["verdicts"])
     # each trained run stopped on its step cap (6), was given the time budget, and was evaluated on that adapter

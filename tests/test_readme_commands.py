@@ -208,6 +208,14 @@ def check_file_only(cmd: list[str]) -> None:
         assert args[2].startswith("../shared/data/"), cmd
 
 
+def check_bash(cmd: list[str]) -> None:
+    """``bash SCRIPT ...``: the script is the repo's and parses (``bash -n``)."""
+    path = REPO / cmd[1]
+    assert path.is_file(), f"bash {cmd[1]}: no such file"
+    proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
 def check_tensorboard(cmd: list[str]) -> None:
     """TensorBoard's own flag parser reads the line (a bad flag exits, a missing --logdir raises FlagsError)."""
     from tensorboard import program
@@ -221,6 +229,8 @@ def check_command(cmd: list[str]) -> None:
         check_python(cmd)
     elif program == "tensorboard":
         check_tensorboard(cmd)
+    elif program == "bash":
+        check_bash(cmd)
     elif program == "ray":
         check_ray(cmd)
     elif program == "pip":

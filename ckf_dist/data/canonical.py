@@ -15,6 +15,13 @@ every user keeps at least one train interaction; a short user fills test first, 
 
 History of an interaction: the user's interactions with a strictly smaller timestamp (same-second
 interactions are not each other's history), the last ``data.history_len`` of them, oldest first.
+
+Benchmark protocols (optional per-row columns of a source, ``ckf_dist.data.raw.PROTOCOL_FIELDS``): a given
+``split`` replaces the rule for its row; a given ``history`` replaces the log history (still cut to its last
+``data.history_len`` items); given ``candidates`` and ``cold`` flags are kept per row for the prompts; with a
+``label`` column (``data.ctr_labels=given``) the label-0 rows become :class:`GivenNegatives` (CTR rows, never
+part of the interaction log, their history taken from the log like any row's) and users who have only label-0 rows
+still get an id.
 """
 from __future__ import annotations
 
@@ -32,6 +39,39 @@ SPLIT_RULE = ("per user by time (ties by item id), T = data.test_per_user, n = t
               "h = min(2T, n-1) held out, the last ceil(h/2) -> test, the floor(h/2) before -> valid, rest -> train "
               "(n > 2T: T test + T valid; every user keeps >= 1 train interaction)")
 SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}  # train 0, valid 1, test 2
+
+
+def range_lists(values: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> pa.ListArray:
+    """ListArray of int64 whose row r is values[starts[r]:ends[r]] (vectorised gather)."""
+    lengths = (ends - starts).astype(np.int64)
+    offsets = np.zeros(lengths.size + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[flat].astype(np.int64)))
+
+
+def _last_n(lists: pa.ListArray, n: int) -> pa.ListArray:
+    """Each list cut to its last ``n`` values."""
+    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+    offsets = lists.offsets.to_numpy().astype(np.int64)
+    values = lists.values.to_numpy(zero_copy_only=False)
+    return range_lists(values, np.maximum(offsets[:-1], offsets[1:] - n), offsets[1:]) if lengths.size else lists
+
+
+@dataclass
+class GivenNegatives:
+    """Label-0 CTR rows of a ``data.ctr_labels=given`` protocol (not interactions); arrays are row-aligned [M]."""
+
+    user: np.ndarray  # int64
+    item: np.ndarray  # int64
+    timestamp: np.ndarray  # int64
+    split: np.ndarray  # int8, SPLIT_CODES
+    history: pa.ListArray  # int64 item ids, oldest first (given, or the user's interactions strictly before)
+    is_cold: np.ndarray  # bool: the given flag, else the user's rule
+
+    @property
+    def size(self) -> int:
+        return int(self.user.size)
 
 
 @dataclass
@@ -52,6 +92,21 @@ class Canonical:
     titles: list  # [num_items] str
     is_cold_user: np.ndarray  # bool [num_users]
     num_fallback_titles: int = 0  # items whose title was missing or empty and became "item <raw id>"
+    # benchmark protocol (None = not given; see the module docstring)
+    history_override: pa.ListArray | None = None  # [N] int64 item ids per row, replaces hist_start/hist_end
+    candidates: pa.ListArray | None = None  # [N] int64 item ids per row incl. the row's item; null = sample
+    cold_override: np.ndarray | None = None  # [N] bool per row, where given (see row_is_cold)
+    negatives: GivenNegatives | None = None  # label-0 CTR rows (data.ctr_labels=given)
+
+    def history_lists(self) -> pa.ListArray:
+        """[N] each row's history as int64 item ids, oldest first (the given one where the source has it)."""
+        if self.history_override is not None:
+            return self.history_override
+        return range_lists(self.item, self.hist_start, self.hist_end)
+
+    def row_is_cold(self, rows: np.ndarray) -> np.ndarray:
+        """The warm/cold flag of interaction rows: the given per-row flag, else the user's rule."""
+        return self.cold_override[rows] if self.cold_override is not None else self.is_cold_user[self.user[rows]]
 
     @property
     def num_users(self) -> int:
@@ -143,8 +198,13 @@ def build_canonical(raw: RawData, cfg: DataConfig) -> Canonical:
     if cfg.history_len < 0:
         raise ValueError(f"data.history_len={cfg.history_len} must be >= 0")
     inter = raw.interactions
-    user_vocab, user_codes = sorted_ids(inter.column("raw_user_id"))
+    label = raw.protocol("label")
+    user_vocab, _ = sorted_ids(inter.column("raw_user_id"))  # users of label-0-only rows get an id too
     item_vocab, order = sorted_ids(raw.items.column("raw_item_id"))
+    if label is not None:
+        positive = pc.equal(label, 1)
+        negative_rows, inter = inter.filter(pc.invert(positive)), inter.filter(positive)
+    user_codes = pc.index_in(inter.column("raw_user_id"), value_set=user_vocab)
     item_codes = pc.index_in(inter.column("raw_item_id"), value_set=item_vocab)
     if item_codes.null_count:  # RawData.validate already guarantees this; keep the invariant explicit
         raise ValueError(f"source {raw.source!r}: interactions reference items missing from the item table")
@@ -166,12 +226,93 @@ def build_canonical(raw: RawData, cfg: DataConfig) -> Canonical:
     fallback = pc.binary_join_element_wise("item ", item_vocab, "")  # for a missing or empty title
     cleaned_titles = clean_text_array(titles_by_code)
     titles = pc.coalesce(cleaned_titles, fallback).to_pylist()
+    is_cold_user = np.diff(user_start) <= cfg.cold_user_max_interactions
+    proto = _Protocol(inter, perm, item_vocab, cfg.history_len)
+    split = proto.split(split_codes(user_start, user, cfg.test_per_user))
+    negatives = None
+    if label is not None:
+        negatives = _given_negatives(negative_rows, user_vocab, item_vocab, user, item, timestamp, user_start,
+                                     is_cold_user, cfg.history_len)
     return Canonical(
         user=user, item=item, rating=rating, timestamp=timestamp,
         review=review,
-        split=split_codes(user_start, user, cfg.test_per_user),
+        split=split,
         hist_start=hist_start, hist_end=hist_end, user_start=user_start,
         raw_user_ids=user_vocab.to_pylist(), raw_item_ids=raw_item_ids, titles=titles,
-        is_cold_user=np.diff(user_start) <= cfg.cold_user_max_interactions,
+        is_cold_user=is_cold_user,
         num_fallback_titles=cleaned_titles.null_count,
+        history_override=proto.history(), candidates=proto.candidates(),
+        cold_override=proto.cold(is_cold_user[user]), negatives=negatives,
     )
+
+
+class _Protocol:
+    """The optional protocol columns of the (positive) interactions, in the canonical row order ``perm``."""
+
+    def __init__(self, inter: pa.Table, perm: np.ndarray, item_vocab: pa.Array, history_len: int):
+        self.cols = {n: inter.column(n).combine_chunks().take(pa.array(perm)) for n in
+                     ("split", "history", "candidates", "cold") if n in inter.column_names}
+        self.item_vocab, self.history_len = item_vocab, history_len
+
+    def _item_lists(self, name: str) -> pa.ListArray | None:
+        lists = self.cols.get(name)
+        if lists is None:
+            return None
+        codes = pc.index_in(lists.values, value_set=self.item_vocab)  # readers guarantee known ids
+        return pa.ListArray.from_arrays(lists.offsets, pc.cast(codes, pa.int64()), mask=lists.is_null())
+
+    def split(self, rule: np.ndarray) -> np.ndarray:
+        return _given_split(self.cols.get("split"), rule)
+
+    def history(self) -> pa.ListArray | None:
+        lists = self._item_lists("history")
+        return None if lists is None else _last_n(lists, self.history_len)
+
+    def candidates(self) -> pa.ListArray | None:
+        return self._item_lists("candidates")
+
+    def cold(self, rule: np.ndarray) -> np.ndarray | None:
+        given = self.cols.get("cold")
+        return None if given is None else _given_flags(given, rule)
+
+
+def _given_split(given: pa.Array | None, rule: np.ndarray) -> np.ndarray:
+    """SPLIT_CODES of the given split names, the rule's code where none is given."""
+    if given is None:
+        return rule
+    codes = pc.index_in(given, value_set=pa.array(SPLITS)).to_numpy(zero_copy_only=False)
+    has = pc.is_valid(given).to_numpy(zero_copy_only=False)
+    out = rule.copy()
+    out[has] = codes[has].astype(np.int8)
+    return out
+
+
+def _given_flags(given: pa.Array, rule: np.ndarray) -> np.ndarray:
+    has = pc.is_valid(given).to_numpy(zero_copy_only=False)
+    out = rule.copy()
+    out[has] = pc.fill_null(given, False).to_numpy(zero_copy_only=False)[has]
+    return out
+
+
+def _given_negatives(rows: pa.Table, user_vocab: pa.Array, item_vocab: pa.Array, pos_user: np.ndarray,
+                     pos_item: np.ndarray, pos_time: np.ndarray, user_start: np.ndarray, is_cold_user: np.ndarray,
+                     history_len: int) -> GivenNegatives:
+    """The label-0 rows: ids, given split, history (given, else the user's interactions strictly before, last
+    ``history_len``), cold flag (given, else the user's rule)."""
+    user = pc.index_in(rows.column("raw_user_id"), value_set=user_vocab).to_numpy().astype(np.int64)
+    item = pc.index_in(rows.column("raw_item_id"), value_set=item_vocab).to_numpy().astype(np.int64)
+    timestamp = rows.column("timestamp").to_numpy().astype(np.int64)
+    if "history" in rows.column_names:
+        history = _Protocol(rows, np.arange(rows.num_rows), item_vocab, history_len).history()
+    else:
+        # interactions of u strictly before t: rank times densely so (user, rank) fits one sortable int64 key
+        times, inverse = np.unique(np.concatenate([pos_time, timestamp]), return_inverse=True)
+        key_pos = pos_user * (times.size + 1) + inverse[:pos_time.size]
+        key_neg = user * (times.size + 1) + inverse[pos_time.size:]
+        end = np.searchsorted(key_pos, key_neg, side="left")  # rows are sorted by (user, time)
+        history = range_lists(pos_item, np.maximum(user_start[user], end - history_len), end)
+    split = _given_split(rows.column("split").combine_chunks(), np.zeros(rows.num_rows, dtype=np.int8))
+    cold = is_cold_user[user]
+    if "cold" in rows.column_names:
+        cold = _given_flags(rows.column("cold").combine_chunks(), cold)
+    return GivenNegatives(user=user, item=item, timestamp=timestamp, split=split, history=history, is_cold=cold)

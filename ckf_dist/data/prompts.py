@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ckf_dist.config import DataConfig
-from ckf_dist.data.canonical import SPLIT_CODES, Canonical
+from ckf_dist.data.canonical import SPLIT_CODES, Canonical, range_lists
 from ckf_dist.data.raw import review_sentences
 from ckf_dist.data.schema import PLACEHOLDER, PROMPTS_SCHEMA, SPLITS, TASK_IDS, expected_placeholders
 
@@ -116,15 +116,6 @@ def rating_text(ratings: np.ndarray) -> pa.Array:
     return pa.array(text[inverse.reshape(-1)], pa.string())
 
 
-def _ranges(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(int32 list offsets, flat indices) such that list r is flat[offsets[r]:offsets[r+1]] = starts[r]..ends[r]-1."""
-    lengths = ends - starts
-    offsets = np.zeros(lengths.size + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
-    return offsets, flat
-
-
 def _concat(*parts) -> pa.Array:
     """Element-wise string concatenation of arrays and (broadcast) str scalars, in Arrow."""
     return pc.binary_join_element_wise(*parts, "")
@@ -136,15 +127,24 @@ class _Renderer:
 
     def __init__(self, data: Canonical):
         self.titles = pa.array(data.titles, pa.string())
-        offsets, flat = _ranges(data.hist_start, data.hist_end)
-        row_titles = self.titles.take(pa.array(data.item))
-        has_rating = ~np.isnan(data.rating)
-        rating_str = rating_text(data.rating)
-        row_rated = pc.if_else(pa.array(has_rating), _concat(row_titles, ": ", rating_str), row_titles)
-        is_new = pa.array(offsets[1:] == offsets[:-1])
-        offsets_arr = pa.array(offsets)
-        self.intro = self._intro(offsets_arr, row_titles.take(pa.array(flat)), is_new, "interacted with")
-        self.rated_intro = self._intro(offsets_arr, row_rated.take(pa.array(flat)), is_new, "rated")
+        self.history = data.history_lists()  # [N] item ids
+        if data.history_override is None:  # the log rows themselves: their own ratings
+            rows = range_lists(np.arange(data.num_interactions), data.hist_start, data.hist_end).values
+            ratings = data.rating[rows.to_numpy()]
+        else:
+            ratings = _logged_ratings(data, self.history)
+        self.intro, self.rated_intro = self.intros(self.history, ratings)
+
+    def intros(self, history: pa.ListArray, ratings: np.ndarray | None = None) -> tuple[pa.Array, pa.Array]:
+        """("interacted with" clause, "rated" clause) per row of ``history`` (item ids, oldest first);
+        ``ratings`` [number of history values] (NaN = none; None = no ratings) give the "rated" form."""
+        titles = self.titles.take(history.values)
+        rated = titles
+        if ratings is not None:
+            rated = pc.if_else(pa.array(~np.isnan(ratings)), _concat(titles, ": ", rating_text(ratings)), titles)
+        is_new = pc.equal(pc.list_value_length(history), 0)
+        return (self._intro(history.offsets, titles, is_new, "interacted with"),
+                self._intro(history.offsets, rated, is_new, "rated"))
 
     @staticmethod
     def _intro(offsets: pa.Array, values: pa.Array, is_new: pa.Array, verb: str) -> pa.Array:
@@ -155,16 +155,21 @@ class _Renderer:
         return self.titles.take(pa.array(items))
 
 
-def _list_array(values: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> pa.ListArray:
-    """ListArray whose row r is values[starts[r]:ends[r]] (vectorised gather)."""
-    offsets, flat = _ranges(starts, ends)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[flat].astype(np.int64)))
+def _logged_ratings(data: Canonical, history: pa.ListArray) -> np.ndarray:
+    """[number of history values] the user's (latest) logged rating of each listed item, NaN where none."""
+    users = data.user[pc.list_parent_indices(history).to_numpy()]
+    key = users * data.num_items + history.values.to_numpy()
+    logged = data.user * data.num_items + data.item
+    order = np.argsort(logged, kind="stable")  # rows are in time order: the last of equal keys is the latest
+    keys = logged[order]
+    pos = np.searchsorted(keys, key, side="right") - 1
+    found = (pos >= 0) & (keys[np.maximum(pos, 0)] == key)
+    return np.where(found, data.rating[order[np.maximum(pos, 0)]], np.nan).astype(np.float32)
 
 
-def _task_table(data: Canonical, split: str, task: str, anchors: np.ndarray, targets: np.ndarray,
-                labels: np.ndarray, hybrid: pa.Array, answers: pa.Array) -> pa.Table:
+def _task_table(split: str, task: str, users: np.ndarray, is_cold: np.ndarray, history: pa.ListArray,
+                targets: np.ndarray, labels: np.ndarray, hybrid: pa.Array, answers: pa.Array) -> pa.Table:
     n, k = targets.shape
-    users = data.user[anchors]
     target_lists = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * k),
                                             pa.array(targets.reshape(-1).astype(np.int64)))
     return pa.table({
@@ -173,14 +178,21 @@ def _task_table(data: Canonical, split: str, task: str, anchors: np.ndarray, tar
         "task_id": pa.array(np.full(n, TASK_IDS[task], dtype=np.int8)),
         "split": pa.array(np.full(n, split, dtype=object), pa.string()),
         "user_id": pa.array(users.astype(np.int64)),
-        "is_cold": pa.array(data.is_cold_user[users]),
-        "history_item_ids": _list_array(data.item, data.hist_start[anchors], data.hist_end[anchors]),
+        "is_cold": pa.array(np.asarray(is_cold, dtype=bool)),
+        "history_item_ids": history,
         "target_item_ids": target_lists,
         "label": pa.array(labels.astype(np.float32)),
         "prompt_text": pc.replace_substring(hybrid, P, ""),
         "prompt_hybrid": hybrid,
         "answer": answers,
     }, schema=PROMPTS_SCHEMA)
+
+
+def _rows_table(data: Canonical, r: _Renderer, split: str, task: str, anchors: np.ndarray, targets: np.ndarray,
+                labels: np.ndarray, hybrid: pa.Array, answers: pa.Array) -> pa.Table:
+    """A task table whose rows are interaction rows ``anchors`` (their user, cold flag and history)."""
+    return _task_table(split, task, data.user[anchors], data.row_is_cold(anchors), r.history.take(pa.array(anchors)),
+                       targets, labels, hybrid, answers)
 
 
 def _ctr(data, r, sampler, rng, rows, split):
@@ -195,19 +207,46 @@ def _ctr(data, r, sampler, rng, rows, split):
     hybrid = _concat(r.intro.take(pa.array(anchors)), " Will the user enjoy ", r.title(items),
                      f"{P}? Answer Yes or No.")
     answers = pc.if_else(pa.array(labels), "Yes", "No")
-    return _task_table(data, split, "ctr", anchors, items[:, None], labels, hybrid, answers)
+    return _rows_table(data, r, split, "ctr", anchors, items[:, None], labels, hybrid, answers)
+
+
+def _ctr_given(data, r, rows, split):
+    """data.ctr_labels=given: the split's interactions (label 1) and its given label-0 rows, nothing sampled."""
+    neg = data.negatives
+    picked = np.flatnonzero(neg.split == SPLIT_CODES[split])
+    neg_history = neg.history.take(pa.array(picked))
+    neg_intro, _ = r.intros(neg_history)
+    items = np.concatenate([data.item[rows], neg.item[picked]])
+    labels = np.concatenate([np.ones(rows.size, dtype=bool), np.zeros(picked.size, dtype=bool)])
+    intro = pa.concat_arrays([r.intro.take(pa.array(rows)), neg_intro])
+    hybrid = _concat(intro, " Will the user enjoy ", r.title(items), f"{P}? Answer Yes or No.")
+    return _task_table(split, "ctr", np.concatenate([data.user[rows], neg.user[picked]]),
+                       np.concatenate([data.row_is_cold(rows), neg.is_cold[picked]]),
+                       pa.concat_arrays([r.history.take(pa.array(rows)), neg_history]), items[:, None], labels,
+                       hybrid, pc.if_else(pa.array(labels), "Yes", "No"))
 
 
 def _topk(data, r, sampler, rng, rows, split, k):
-    negs = sampler.sample(rng, data.user[rows], k - 1)
-    pos_idx = rng.integers(0, k, rows.size)
+    has = np.zeros(rows.size, dtype=bool)  # rows with a given candidate list (readers checked: k distinct, item once)
+    if data.candidates is not None:
+        given = data.candidates.take(pa.array(rows))
+        has = pc.is_valid(given).to_numpy(zero_copy_only=False)
+    negs = sampler.sample(rng, data.user[rows[~has]], k - 1)
+    pos_idx = rng.integers(0, k, int((~has).sum()))
     cands = np.empty((rows.size, k), dtype=np.int64)
+    sampled = np.empty((pos_idx.size, k), dtype=np.int64)
     is_pos = np.arange(k)[None, :] == pos_idx[:, None]
-    cands[is_pos] = data.item[rows]
-    cands[~is_pos] = negs.reshape(-1)
+    sampled[is_pos] = data.item[rows[~has]]
+    sampled[~is_pos] = negs.reshape(-1)
+    cands[~has] = sampled
+    labels = np.empty(rows.size, dtype=np.int64)
+    labels[~has] = pos_idx
+    if has.any():
+        cands[has] = given.filter(pa.array(has)).values.to_numpy().reshape(-1, k)
+        labels[has] = np.argmax(cands[has] == data.item[rows[has]][:, None], axis=1)
     listed = pc.binary_join_element_wise(*[_concat(r.title(cands[:, j]), P) for j in range(k)], "; ")
     hybrid = _concat(r.intro.take(pa.array(rows)), " Candidates: ", listed, ". Which will the user choose next?")
-    return _task_table(data, split, "topk", rows, cands, pos_idx, hybrid, r.title(data.item[rows]))
+    return _rows_table(data, r, split, "topk", rows, cands, labels, hybrid, r.title(data.item[rows]))
 
 
 def _rating(data, r, rows, split):
@@ -216,7 +255,7 @@ def _rating(data, r, rows, split):
     hybrid = _concat(r.rated_intro.take(pa.array(rows)), " How will the user rate ", r.title(items),
                      f"{P}? Answer 1 to 5.")
     answers = rating_text(data.rating[rows])
-    return _task_table(data, split, "rating", rows, items[:, None], data.rating[rows], hybrid, answers)
+    return _rows_table(data, r, split, "rating", rows, items[:, None], data.rating[rows], hybrid, answers)
 
 
 def _with_review(data, rows, cfg):
@@ -229,7 +268,7 @@ def _explanation(data, r, rows, split, cfg):
     rows, sentences = _with_review(data, rows, cfg)
     items = data.item[rows]
     hybrid = _concat(r.intro.take(pa.array(rows)), " Explain what the user thinks of ", r.title(items), f"{P}.")
-    return _task_table(data, split, "explanation", rows, items[:, None], np.full(rows.size, -1.0), hybrid,
+    return _rows_table(data, r, split, "explanation", rows, items[:, None], np.full(rows.size, -1.0), hybrid,
                        sentences)
 
 
@@ -239,7 +278,7 @@ def _review_rating(data, r, rows, split, cfg):
     hybrid = _concat(f"The user{P} wrote about ", r.title(items), f"{P}: '", sentences,
                      "'. What rating did the user give? Answer 1 to 5.")
     answers = rating_text(data.rating[rows])
-    return _task_table(data, split, "review_rating", rows, items[:, None], data.rating[rows], hybrid, answers)
+    return _rows_table(data, r, split, "review_rating", rows, items[:, None], data.rating[rows], hybrid, answers)
 
 
 def check_placeholders(table: pa.Table) -> None:
@@ -284,7 +323,8 @@ def build_prompts(data: Canonical, cfg: DataConfig, has_ratings: bool, has_revie
         for task in tasks:
             rng = np.random.default_rng([cfg.seed, code, TASK_IDS[task]])
             if task == "ctr":
-                table = _ctr(data, renderer, sampler, rng, rows, split)
+                table = (_ctr(data, renderer, sampler, rng, rows, split) if data.negatives is None
+                         else _ctr_given(data, renderer, rows, split))
                 labels = table.column("label").to_numpy()
                 out.ctr_positive_fraction[split] = float(labels.mean()) if labels.size else 0.0
             elif task == "topk":

@@ -37,6 +37,16 @@ RAW_INTERACTIONS_SCHEMA = pa.schema([
     ("review", pa.string()),  # null = no review text
 ])
 
+# Optional per-row benchmark-protocol columns a reader may append to the interactions, in this order (the
+# generic source does, from columns of the same names; see ckf_dist.data.generic). Null = not given for the row.
+PROTOCOL_FIELDS = {
+    "split": pa.field("split", pa.string()),  # train | valid | test: replaces the per-user time split
+    "history": pa.field("history", pa.list_(pa.string())),  # raw item ids, oldest first: replaces the log history
+    "candidates": pa.field("candidates", pa.list_(pa.string())),  # top-K candidates incl. the target, in order
+    "cold": pa.field("cold", pa.bool_()),  # the row's warm/cold flag as published
+    "label": pa.field("label", pa.int8()),  # data.ctr_labels=given: 1/0 as given; label-0 rows are no interactions
+}
+
 RAW_ITEMS_SCHEMA = pa.schema([
     ("raw_item_id", pa.string()),
     ("title", pa.string()),
@@ -100,6 +110,12 @@ class RawData:
     extras: dict[str, Any] = field(default_factory=dict)  # source-specific facts (e.g. the planted clusters)
     notes: list[str] = field(default_factory=list)  # human-readable facts for the manifest (fallback titles, ...)
 
+    def protocol(self, name: str) -> pa.Array | None:
+        """The optional protocol column ``name`` of :data:`PROTOCOL_FIELDS` (None when the reader gave none)."""
+        if name not in self.interactions.column_names:
+            return None
+        return self.interactions.column(name).combine_chunks()
+
     @property
     def has_ratings(self) -> bool:
         return self.interactions.num_rows > 0 and self.interactions.column("rating").null_count < self.interactions.num_rows
@@ -111,8 +127,13 @@ class RawData:
     def validate(self) -> "RawData":
         """Checks the reader's contract; raises ValueError naming the source and the problem."""
         where = f"source {self.source!r}"
-        if not self.interactions.schema.equals(RAW_INTERACTIONS_SCHEMA):
-            raise ValueError(f"{where}: interactions schema {self.interactions.schema} != {RAW_INTERACTIONS_SCHEMA}")
+        schema = self.interactions.schema
+        base = pa.schema(list(schema)[:len(RAW_INTERACTIONS_SCHEMA)])
+        extra = list(schema)[len(RAW_INTERACTIONS_SCHEMA):]
+        if not base.equals(RAW_INTERACTIONS_SCHEMA) or [f.name for f in extra] != [
+                n for n in PROTOCOL_FIELDS if n in schema.names] or any(not f.equals(PROTOCOL_FIELDS[f.name]) for f in extra):
+            raise ValueError(f"{where}: interactions schema {schema} != {RAW_INTERACTIONS_SCHEMA} (plus optional "
+                             f"protocol columns {list(PROTOCOL_FIELDS.values())} in that order)")
         if not self.items.schema.equals(RAW_ITEMS_SCHEMA):
             raise ValueError(f"{where}: items schema {self.items.schema} != {RAW_ITEMS_SCHEMA}")
         if self.interactions.num_rows == 0:
