@@ -162,7 +162,9 @@ class LoRAConfig:
     dropout: float = 0.1
     shared_targets: list[str] = field(default_factory=lambda: ["k_proj", "v_proj", "o_proj"])
     task_targets: list[str] = field(default_factory=lambda: ["q_proj"])
-    impl: str = "auto"  # auto | torch | triton  (batched per-task LoRA implementation)
+    # auto | torch | triton | side (batched per-task LoRA: triton = fused base GEMM, side = cuBLAS base + Triton
+    # LoRA kernels; auto = kernels/dispatch.py's rules and measured win table, torch off CUDA)
+    impl: str = "auto"
 
 
 @dataclass
@@ -332,7 +334,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"lora.rank={cfg.lora.rank} must be in 1..64")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"lora.dropout={cfg.lora.dropout} must be in [0, 1)")
-    _choice("lora.impl", cfg.lora.impl, {"auto", "torch", "triton"})
+    _choice("lora.impl", cfg.lora.impl, {"auto", "torch", "triton", "side"})
     if not cfg.lora.shared_targets and not cfg.lora.task_targets:
         raise ConfigError("lora.shared_targets and lora.task_targets are both empty: nothing to train")
     _choice("training.curriculum", cfg.training.curriculum,
