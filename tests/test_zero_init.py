@@ -154,7 +154,7 @@ def test_sharded_load_holds_a_partition_per_rank_and_trains_the_same(tmp_path, m
         # minus the sharded one is the other rank's half of the base.
         assert whole >= base_bytes, (r, whole, base_bytes)
         assert sharded <= (1 / WORLD + 0.25) * base_bytes, (r, sharded, base_bytes)
-        assert whole - sharded >= 0.4 * base_bytes, (r, whole, sharded, base_bytes)
+        assert whole - sharded >= 0.3 * base_bytes, (r, whole, sharded, base_bytes)
         # the same weights, the same adapters' init: the same losses, bit for bit (fp32, the same reductions)
         assert res["true"][r]["losses"] == res["false"][r]["losses"], res
     losses = res["true"][0]["losses"]

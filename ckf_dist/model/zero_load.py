@@ -100,10 +100,19 @@ def load_hf_zero3(path: str, vocab_size: int, dtype: torch.dtype, attn_implement
                   ds_config: dict) -> torch.nn.Module:
     """The HF causal LM of the local folder ``path``, created partitioned under ZeRO-3 (``ds_config``), with an
     embedding table (and output head) of at least ``vocab_size`` rows, its weights read shard by shard."""
+    import contextlib
+
     import deepspeed
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers import initialization as hf_init
-    from transformers.integrations.deepspeed import prevent_arange_dtype_change
+
+    try:  # transformers >= 5
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
+    try:
+        from transformers.integrations.deepspeed import prevent_arange_dtype_change
+    except ImportError:  # older transformers: no such guard
+        prevent_arange_dtype_change = contextlib.nullcontext
 
     # DeepSpeed's communication layer over the process group Ray Train (or the caller) set up: zero.Init sizes
     # its partitions (and checks the batch sizes of ds_config) by its world size.
@@ -116,8 +125,9 @@ def load_hf_zero3(path: str, vocab_size: int, dtype: torch.dtype, attn_implement
     # zero.Init takes the partitions' dtype from ds_config (bf16 / fp16 / fp32): its ``dtype`` argument is ignored
     # on an accelerator without fp16 (deepspeed 0.19.8 picks bf16 on CPU), so it is not passed; ds_config and
     # ``dtype`` come from the same deepspeed.precision (ckf_dist.worker), checked below.
-    with hf_init.no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+    with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    model.tie_weights()  # a tied output head (tie_word_embeddings): skipped with the weight init, as transformers does
     got = {p.dtype for p in model.parameters()}
     if got != {dtype}:
         raise ValueError(f"model.zero_init: the partitioned model has dtype {sorted(map(str, got))}, not {dtype}: "
