@@ -124,6 +124,9 @@ class ModelConfig:
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     gradient_checkpointing: bool = False
     seed: int = 0
+    # Create the base model partitioned under DeepSpeed ZeRO-3, each rank reading only its share of the weights
+    # (ckf_dist.model.zero_load); auto = on for source=hf under ZeRO-3. true needs ZeRO-3 and an hf safetensors folder.
+    zero_init: str = "auto"  # auto | true | false
 
 
 @dataclass
@@ -310,6 +313,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.path must be set for model.source={cfg.model.source!r}")
     _choice("model.attn_implementation", cfg.model.attn_implementation,
             {"sdpa", "eager", "flash_attention_2", "flex_attention"})
+    _choice("model.zero_init", cfg.model.zero_init, {"auto", "true", "false"})
+    if cfg.model.zero_init == "true" and (cfg.model.source != "hf" or cfg.deepspeed.zero_stage != 3):
+        raise ConfigError(f"model.zero_init=true needs model.source=hf and deepspeed.zero_stage=3 (got "
+                          f"{cfg.model.source!r}, {cfg.deepspeed.zero_stage})")
     _choice("cf.model", cfg.cf.model, {"mf", "lightgcn"})
     _choice("cf.pooling", cfg.cf.pooling, {"mean", "attention"})
     _choice("cf.meta_activation", cfg.cf.meta_activation, {"none", "relu"})
@@ -661,6 +668,8 @@ def load_config(argv: Optional[list[str]] = None, base_yaml: Optional[str] = Non
     # `ray.use_gpu=true` (CLI) or `use_gpu: true` (YAML) is read as a boolean and stored in the str field as "True"
     if obj.ray.use_gpu in ("True", "False"):
         obj.ray.use_gpu = obj.ray.use_gpu.lower()
+    if obj.model.zero_init in ("True", "False"):  # the same for model.zero_init
+        obj.model.zero_init = obj.model.zero_init.lower()
     return validate(obj)
 
 

@@ -66,13 +66,29 @@ def model_dtype(cfg: Config, use_gpu: bool) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
+def zero_init_config(cfg: Config, ds_config: dict) -> Optional[dict]:
+    """The DeepSpeed config to create the base model under (sharded loading, ``model.zero_init``), or None:
+    auto = on for an ``hf`` model under ZeRO-3 (the tiny and GGUF models are small, or dequantized whole)."""
+    if cfg.model.zero_init == "false":
+        return None
+    zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
+    if cfg.model.zero_init == "true":
+        if not zero3:
+            raise ValueError(f"model.zero_init=true needs ZeRO-3; the DeepSpeed config has stage "
+                             f"{ds_config.get('zero_optimization', {}).get('stage')}")
+        return ds_config
+    return ds_config if zero3 and cfg.model.source == "hf" else None
+
+
 def build_ckf_model(cfg: Config, tokenizer, user_table: torch.Tensor, item_table: torch.Tensor,
-                    dtype: torch.dtype = torch.float32):
-    """The single-device CKF model: frozen LLM (+ <cf> token) with Multi-LoRA, mapping side, CF tables."""
+                    dtype: torch.dtype = torch.float32, zero3_config: Optional[dict] = None):
+    """The single-device CKF model: frozen LLM (+ <cf> token) with Multi-LoRA, mapping side, CF tables. With
+    ``zero3_config`` the LLM's weights are created partitioned (``build_llm``); the adapters and the mapping side
+    are created whole (small) and partitioned by ``deepspeed.initialize``."""
     from ckf_dist.model.ckf import CKFModel
     from ckf_dist.model.llm import build_llm
 
-    llm = build_llm(cfg.model, tokenizer, dtype=dtype, s3_config=cfg.data.s3)
+    llm = build_llm(cfg.model, tokenizer, dtype=dtype, s3_config=cfg.data.s3, zero3_config=zero3_config)
     if cfg.model.gradient_checkpointing:
         # Reentrant variant: the non-reentrant one fails under ZeRO-3 with frozen base weights.
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
@@ -235,10 +251,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     data_manifest = loop_config["data_manifest"]
     cf_version, users, items = load_cf_tables(cfg, state["cf_version"], data_manifest)
-    model = build_ckf_model(cfg, tokenizer, users, items, dtype=model_dtype(cfg, use_gpu))
+    ds_config = build_deepspeed_config(cfg, world, use_gpu)
+    model = build_ckf_model(cfg, tokenizer, users, items, dtype=model_dtype(cfg, use_gpu),
+                            zero3_config=zero_init_config(cfg, ds_config))
+    base = base_model_record(cfg, model)
+    if resume_dir:
+        check_base_model(state.get("base_model"), base, log)
+    state["base_model"] = base
     groups = parameter_groups(model, cfg)
-    n_total = sum(p.numel() for p in model.parameters())
-    log(f"model: {n_total:,} parameters, " + ", ".join(f"{g['name']} {sum(p.numel() for p in g['params']):,}"
+    n_total = sum(numel(p) for p in model.parameters())
+    log(f"model: {n_total:,} parameters, " + ", ".join(f"{g['name']} {sum(numel(p) for p in g['params']):,}"
                                                         for g in groups)
         + f" trainable ({len(model.lora_layers)} Multi-LoRA layers); CF embeddings {cf_version}; gradient routing "
         f"{cfg.training.gradient_routing}, curriculum {cfg.training.curriculum}")
@@ -251,7 +273,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         optimizer, [(lambda s, gate=gate: lr_at(clock.effective_step(s)) * gate(clock.effective_step(s)))
                     for gate in gates])
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=build_deepspeed_config(cfg, world, use_gpu))
+                                           config=ds_config)
     if resume_dir:
         engine.load_checkpoint(resume_dir, tag=DS_TAG, load_module_strict=False)
         rng_restored = restore_rng(resume_dir, rank)
@@ -436,6 +458,33 @@ def restore_rng(folder: str, rank: int) -> bool:
     return True
 
 
+def numel(p: torch.Tensor) -> int:
+    """Elements of a parameter, also when ZeRO-3 has partitioned it (its ``.numel()`` is then 0)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def base_model_record(cfg: Config, model) -> dict:
+    """What the frozen base of a lean checkpoint is rebuilt from (saved in the trainer state): the model source,
+    its path as configured (not the node-local cache) and the number of frozen parameters."""
+    return {"source": cfg.model.source, "path": cfg.model.path,
+            "frozen_parameters": sum(numel(p) for p in model.parameters() if not p.requires_grad)}
+
+
+def check_base_model(saved: Optional[dict], now: dict, log) -> None:
+    """A lean checkpoint holds no frozen weight: resuming it on another base would silently train adapters made
+    for one model on another. A different parameter count is an error; a different path only a log line (the
+    same weights may have moved, e.g. a local copy of an s3:// folder)."""
+    if not saved or "frozen_parameters" not in saved:
+        return
+    if saved["frozen_parameters"] != now["frozen_parameters"]:
+        raise ValueError(f"the checkpoint was trained on a base model with {saved['frozen_parameters']:,} frozen "
+                         f"parameters ({saved.get('source')} {saved.get('path')!r}); model.source={now['source']} "
+                         f"model.path={now['path']!r} has {now['frozen_parameters']:,}: resume with the same model")
+    if (saved.get("source"), saved.get("path")) != (now["source"], now["path"]):
+        log(f"the checkpoint's base model was {saved.get('source')} {saved.get('path')!r}, now model.path="
+            f"{now['path']!r} (same parameter count): its frozen weights are assumed to be the same")
+
+
 def optimizer_step(engine) -> int:
     """Adam's step count as the (ZeRO-wrapped) optimizer holds it; -1 when it holds none yet."""
     opt = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the client optimizer
@@ -533,7 +582,12 @@ def _save_and_report(engine, state: dict, metrics: dict, rank: int, cfg: Config,
         mlog.sync()
 
     with tempfile.TemporaryDirectory(prefix="ckf_ckpt_") as tmp:
-        engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"step": state["step"]}, save_latest=False)
+        # Lean: only what training changes. Without exclude_frozen_parameters ZeRO-3 also writes every rank's
+        # fragment of the frozen base (the whole base once per checkpoint: 13.5 GB for the 7B config); here the
+        # base is rebuilt from model.path on resume (check_base_model), and the files hold the trainable
+        # parameters' fp32 partitions with their Adam moments, the lr scheduler and DeepSpeed's counters.
+        engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"step": state["step"]}, save_latest=False,
+                               exclude_frozen_parameters=True)
         if export is not None:
             export(engine.module, os.path.join(tmp, ADAPTER_DIR), cfg, tokenizer, state, write=rank == 0)
         if rank == 0:

@@ -39,6 +39,8 @@ def test_dotlist_overrides_and_types():
     ("training.task_weights={clicks: 1.0}", "training.task_weights"),
     ("lora.rank=0", "lora.rank"),
     ("training.max_minutes=-1", "training.max_minutes"),
+    ("model.zero_init=yes", "model.zero_init"),
+    ("model.zero_init=true", "model.zero_init=true needs model.source=hf"),  # the tiny model
 ])
 def test_bad_keys_and_values_are_named(arg, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
@@ -57,3 +59,20 @@ def test_missing_yaml_and_bad_argument():
         load_config(["--config", "/nonexistent/x.yaml"])
     with pytest.raises(ConfigError, match="cannot read argument"):
         load_config(["--max-steps", "3"])
+
+
+def test_zero_init_auto_is_on_for_hf_models_under_zero3():
+    from ckf_dist.worker import build_deepspeed_config, zero_init_config
+
+    def sharded(*args):
+        cfg = load_config(list(args))
+        return zero_init_config(cfg, build_deepspeed_config(cfg, 2, use_gpu=False)) is not None
+
+    assert not sharded()  # the tiny model
+    assert sharded("model.source=hf", "model.path=/m") and sharded("model.source=hf", "model.path=/m",
+                                                                     "model.zero_init=true")
+    assert not sharded("model.source=hf", "model.path=/m", "model.zero_init=false")
+    assert not sharded("model.source=hf", "model.path=/m", "deepspeed.zero_stage=2")
+    assert not sharded("model.source=gguf", "model.path=/m.gguf")
+    # deepspeed.extra may change the stage: the merged DeepSpeed config decides
+    assert not sharded("model.source=hf", "model.path=/m", "deepspeed.extra={zero_optimization: {stage: 2}}")

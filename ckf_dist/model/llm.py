@@ -153,8 +153,25 @@ def load_pretrained_tokenizer(cfg: ModelConfig, s3_config=None):
     return add_placeholder_token(tok)
 
 
-def build_llm(cfg: ModelConfig, tokenizer, dtype: torch.dtype = torch.float32, s3_config=None) -> torch.nn.Module:
+def add_token_rows(model: torch.nn.Module, vocab_size: int) -> None:
+    """Grows the embedding table and the output head to ``vocab_size`` rows, the new rows zero: the <cf> input
+    row is never read (soft tokens overwrite its embedding), and a zero output row is the same on every rank and
+    in the sharded loader (``zero_load``), where the random rows of ``resize_token_embeddings`` depend on the RNG."""
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[old:].zero_()
+        out = model.get_output_embeddings()
+        if out is not None:
+            out.weight[old:].zero_()
+
+
+def build_llm(cfg: ModelConfig, tokenizer, dtype: torch.dtype = torch.float32, s3_config=None,
+              zero3_config: dict | None = None) -> torch.nn.Module:
     """The frozen causal LM with its embedding table sized to ``len(tokenizer)``.
+
+    ``zero3_config`` (a DeepSpeed ZeRO-3 config; ``hf`` models only): the model is created partitioned, each
+    rank reading only its share of the weights (``ckf_dist.model.zero_load``), instead of whole on every rank.
 
     The tiny model is seeded with ``cfg.seed`` so that every rank builds identical base weights (ZeRO-3
     partitions each rank's own copy: different random inits would silently mix); with ``cfg.path`` set it then
@@ -181,14 +198,21 @@ def build_llm(cfg: ModelConfig, tokenizer, dtype: torch.dtype = torch.float32, s
     else:
         cfg = local_model_config(cfg, s3_config)
         kwargs = {"dtype": dtype, "attn_implementation": resolve_attn_implementation(cfg.attn_implementation)}
-        if cfg.source == "gguf":
+        if zero3_config is not None:
+            if cfg.source != "hf":
+                raise ValueError(f"model.zero_init: sharded loading reads HF safetensors folders, not "
+                                 f"model.source={cfg.source!r}")
+            from ckf_dist.model.zero_load import load_hf_zero3
+
+            model = load_hf_zero3(os.path.expanduser(cfg.path), len(tokenizer), dtype, kwargs["attn_implementation"],
+                                  zero3_config)
+        elif cfg.source == "gguf":
             folder, name = _gguf_location(cfg)
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(cfg.path), **kwargs)
-        if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-            # The new <cf> row is never read (its embedding is overwritten by soft tokens), so any init will do.
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        if zero3_config is None and model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+            add_token_rows(model, len(tokenizer))
     for p in model.parameters():
         p.requires_grad_(False)
     model.config.use_cache = False
