@@ -52,5 +52,6 @@ setup(
         "mutation": ["mutmut==3.8.1"],
     },
     entry_points={"console_scripts": ["ckf-train=ckf_dist.train:main", "ckf-prepare=ckf_dist.data.prepare:main",
-                                        "ckf-cf-refresh=ckf_dist.cf_refresh:main", "ckf-evaluate=ckf_dist.evaluate:main"]},
+                                        "ckf-cf-refresh=ckf_dist.cf_refresh:main", "ckf-evaluate=ckf_dist.evaluate:main",
+                                        "ckf-profile=ckf_dist.profile:main"]},
 )

@@ -15,8 +15,8 @@ by ``ckf_dist.step_profile`` (the training loop itself, not a copy). It then wri
 - ``trace.json``: rank 0's ``torch.profiler`` Chrome trace of the traced steps (open it in https://ui.perfetto.dev).
 
 A profile is a short run of its own: the run name gets a ``-profile-<time>`` suffix (it never resumes, nor
-touches, the training run of that name), the held-out evaluation and the adapter export are off, and the tiny
-base is not pretrained (weights do not change a step's cost). No arguments: the embedded default on CPU.
+touches, the training run of that name), the held-out evaluation and the adapter export are off, the tiny
+base is not pretrained (weights do not change a step's cost), and a worker failure ends it (``ray.max_failures=0``). No arguments: the embedded default on CPU.
 """
 from __future__ import annotations
 
@@ -56,7 +56,9 @@ def profile_config(cfg: Config, stamp: str = "") -> Config:
                             eval_rows=0),
                checkpoint=rep(cfg.checkpoint, run_name=f"{cfg.checkpoint.run_name}-profile-{stamp}",
                               export_adapter=False),
-               model=rep(cfg.model, tiny=rep(cfg.model.tiny, pretrain_steps=0)))
+               model=rep(cfg.model, tiny=rep(cfg.model.tiny, pretrain_steps=0)),
+               # a worker restarted mid-profile would resume inside the measured window: fail instead
+               ray=rep(cfg.ray, max_failures=0))
 
 
 def _mean(values) -> float:
