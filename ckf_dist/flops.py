@@ -70,7 +70,8 @@ def model_shape(model) -> ModelShape:
                 if a is not None:
                     lora += _shape(a)[-2] * (m.in_features + m.out_features)
     head = model.llm.get_output_embeddings()
-    per_sample = sum(_numel(m) for m in (model.meta_net, model.pooling, model.user_proj))
+    used = (model.pooling, model.user_proj) if model.identity_mapping else (model.meta_net, model.pooling, model.user_proj)
+    per_sample = sum(_numel(m) for m in used)  # cf.identity_mapping: the meta-network is not run
     return ModelShape(layers=config.num_hidden_layers, attn_width=heads * head_dim, base_linear_params=base,
                       head_params=_numel(head), lora_params_per_token=lora, mapping_per_sample_params=per_sample,
                       item_proj_params=_numel(model.item_proj))
