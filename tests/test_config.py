@@ -39,6 +39,9 @@ def test_dotlist_overrides_and_types():
     ("training.task_weights={clicks: 1.0}", "training.task_weights"),
     ("lora.rank=0", "lora.rank"),
     ("training.max_minutes=-1", "training.max_minutes"),
+    ("profile.steps=1", "profile.steps"),
+    ("profile.trace_steps=-1", "profile.trace_steps"),
+    ("profile.peak_tflops=-5", "profile.peak_tflops"),
 ])
 def test_bad_keys_and_values_are_named(arg, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):

@@ -94,3 +94,14 @@ def test_worker_report_breakdown_sums_to_the_step_and_amortises_the_checkpoint()
     assert r["breakdown_s"]["other"] == pytest.approx(0.04)
     assert r["tokens_per_s"] == pytest.approx(10 / 0.62) and r["padded_tokens_per_s"] == pytest.approx(12 / 0.62)
     assert r["mfu"] == pytest.approx(38640 / 0.62 / 1e12 / 1e-6)
+
+
+def test_profile_config_is_a_short_run_of_its_own():
+    from ckf_dist.config import load_config
+    from ckf_dist.profile import profile_config
+
+    cfg = profile_config(load_config(["profile.warmup_steps=3", "profile.steps=5", "profile.trace_steps=2",
+                                      "training.max_minutes=10"]), stamp="T")
+    assert cfg.profile.enabled and cfg.training.max_steps == 3 + 5 + 2 and cfg.training.max_minutes == 0
+    assert cfg.checkpoint.run_name == "ckf-default-profile-T" and not cfg.checkpoint.export_adapter
+    assert cfg.training.eval_rows == 0 and cfg.model.tiny.pretrain_steps == 0 and cfg.ray.max_failures == 0
