@@ -39,8 +39,11 @@ setup(
     install_requires=RUNTIME,
     extras_require={
         # kubernetes-validate + jsonschema: tests/test_cluster_manifests.py (offline schemas of the core kinds, CRDs)
+        # peft: tests/test_bench_vs_peft.py runs benchmarks/bench_vs_peft.py at a tiny shape
         "test": ["pytest>=8", "pytest-timeout>=2.3", "moto[server]>=5.0", "kubernetes-validate>=1.30",
-                 "jsonschema>=4.18"],
+                 "jsonschema>=4.18", "peft>=0.17"],
+        # benchmarks/bench_vs_peft.py: the HF transformers + peft baseline of the CKF training step
+        "bench": ["peft>=0.17"],
         # flash-attn has no wheel on PyPI: it builds from source against CUDA (about an hour); GPU images only.
         "gpu": ["flash-attn>=2.6"],
         # SmolLM2-135M as a GGUF file (issue 5 quality runs); transformers needs gguf + accelerate to load it.
@@ -49,5 +52,6 @@ setup(
         "mutation": ["mutmut==3.8.1"],
     },
     entry_points={"console_scripts": ["ckf-train=ckf_dist.train:main", "ckf-prepare=ckf_dist.data.prepare:main",
-                                        "ckf-cf-refresh=ckf_dist.cf_refresh:main", "ckf-evaluate=ckf_dist.evaluate:main"]},
+                                        "ckf-cf-refresh=ckf_dist.cf_refresh:main", "ckf-evaluate=ckf_dist.evaluate:main",
+                                        "ckf-profile=ckf_dist.profile:main"]},
 )

@@ -258,6 +258,20 @@ class EvalConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """``python -m ckf_dist.profile``: warm-up + measured steps of the real pipeline, timed per section."""
+
+    enabled: bool = False  # the workers time each step's sections (python -m ckf_dist.profile sets it)
+    warmup_steps: int = 2  # steps before the measured ones (allocator, data pipeline and JIT warm-up)
+    steps: int = 4  # measured steps (>= 2: one checkpoint is written inside the measured window)
+    trace_steps: int = 1  # steps after the measured ones that torch.profiler records on rank 0; 0 = no trace
+    # Peak TFLOP/s of one worker's device for the MFU; 0 = the bf16 table by GPU name (A100 312, H100 989,
+    # H200 989), else (a CPU, another GPU) a matmul probe measured on each worker.
+    peak_tflops: float = 0.0
+    out: str = "profile"  # local folder for profile.json, profile.png and trace.json
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -268,6 +282,7 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 def _choice(name: str, value: str, allowed) -> None:
@@ -379,6 +394,13 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("checkpoint.every_steps must be >= 1")
     if not cfg.checkpoint.run_name or "/" in cfg.checkpoint.run_name:
         raise ConfigError(f"checkpoint.run_name={cfg.checkpoint.run_name!r} must be a non-empty name without '/'")
+    if cfg.profile.steps < 2:
+        raise ConfigError(f"profile.steps={cfg.profile.steps} must be >= 2 (a checkpoint is timed inside the window)")
+    for key in ("warmup_steps", "trace_steps"):
+        if getattr(cfg.profile, key) < 0:
+            raise ConfigError(f"profile.{key} must be >= 0")
+    if cfg.profile.peak_tflops < 0:
+        raise ConfigError(f"profile.peak_tflops={cfg.profile.peak_tflops} must be >= 0 (0 = table or probe)")
     _choice("eval.form", cfg.eval.form, {"hybrid", "text"})
     _choice("eval.split", cfg.eval.split, {"train", "valid", "test"})
     for task in cfg.eval.tasks:

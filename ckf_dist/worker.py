@@ -22,6 +22,9 @@ from ckf_dist.data.packing import token_counts
 from ckf_dist.data.schema import PLACEHOLDER, TASK_IDS
 from ckf_dist import scoring
 from ckf_dist.metrics_log import MetricsLog, run_folder
+from ckf_dist import flops
+from ckf_dist.data.io import join as io_join
+from ckf_dist.step_profile import PROFILE_DIR, StepTimer, device_info
 
 STATE_FILE = "trainer_state.json"
 DS_TAG = "ds"
@@ -258,6 +261,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if resume_dir:
         check_base_model(state.get("base_model"), base, log)
     state["base_model"] = base
+    timer = StepTimer.from_config(cfg, device, rank)  # python -m ckf_dist.profile; a no-op in a training run
+    profile_extra = _profile_facts(cfg, model, device, use_gpu, world) if timer.enabled else {}
     groups = parameter_groups(model, cfg)
     n_total = sum(numel(p) for p in model.parameters())
     log(f"model: {n_total:,} parameters, " + ", ".join(f"{g['name']} {sum(numel(p) for p in g['params']):,}"
@@ -309,23 +314,31 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if clock.budget_s > 0:
         log(f"time budget {cfg.training.max_minutes:g} min of training steps ({clock.seconds:.0f}s used before)")
     while not clock.done(step):
+        timer.start_step(step)
         t_step = time.perf_counter()
-        epoch, index, batch = next(batches)
+        with timer.section("data_wait"):
+            epoch, index, batch = next(batches)
         wait = time.perf_counter() - t_step
-        new = follower.maybe_swap(step, engine.module)
+        timer.count(lambda: flops.step_counts(batch, engine.module.placeholder_id))
+        with timer.section("cf_pickup"):
+            new = follower.maybe_swap(step, engine.module)
         if new:
             cf_version = new
             # audit: which step, and checksums of the tables the model really holds now (every rank)
             state.setdefault("cf_swaps", []).append({
                 "step": step, "version": new, "user_table_sha256": table_checksum(engine.module.user_table),
                 "item_table_sha256": table_checksum(engine.module.item_table)})
-        batch = to_device(batch, device)
+        with timer.section("data_wait"):  # the host -> device copy is part of feeding the step
+            batch = to_device(batch, device)
         lam = _curriculum(cfg, clock.effective_step(step))
         # spec routing: the two forms' losses reach disjoint parameters and lambda gates the learning rates
         # (curriculum_gates), so the loss is their plain mean; joint: lambda weights the losses.
-        out = engine(batch, text_weight=0.5 if route else lam, task_weights=task_w, route_gradients=route)
-        engine.backward(out["loss"])
-        engine.step()
+        with timer.section("forward"):
+            out = engine(batch, text_weight=0.5 if route else lam, task_weights=task_w, route_gradients=route)
+        with timer.section("backward"):
+            engine.backward(out["loss"])
+        with timer.section("optimizer"):
+            engine.step()
         step += 1
         real, padded = token_counts(batch)  # real tokens; tokens computed on (incl. padding)
         tokens += real
@@ -362,12 +375,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
             _add(interval, reset=True)
         state.update(step=step, epoch=epoch, batch_in_epoch=index + 1, cf_version=cf_version,
                      train_seconds=clock.seconds)
-        if step % cfg.checkpoint.every_steps == 0 and not finished:
-            _save_and_report(engine, state, {"step": step, "cf_version": cf_version}, rank, cfg, tokenizer, None,
-                             mlog=mlog)
+        if (step % cfg.checkpoint.every_steps == 0 or (timer.enabled and step == timer.checkpoint_step())) \
+                and not finished:
+            with timer.section("checkpoint"):
+                _save_and_report(engine, state, {"step": step, "cf_version": cf_version}, rank, cfg, tokenizer,
+                                 None, mlog=mlog)
+        timer.end_step()
         if step == kill_at and rank == 1:
             _fault_kill_once(cfg, step)
 
+    timer.finish(rank, world, profile_extra, io_join(run_folder(cfg), PROFILE_DIR), cfg.data.s3)
     heldout = {}
     if heldout_rows is not None:
         heldout = {"before": state.get("heldout_before") or {},
@@ -389,6 +406,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
         mlog.close()  # everything at the storage path before the final checkpoint is reported
     _save_and_report(engine, state, metrics, rank, cfg, tokenizer, export_adapter if cfg.checkpoint.export_adapter else None,
                      heldout=heldout)
+
+
+def _profile_facts(cfg: Config, model, device, use_gpu: bool, world: int) -> dict:
+    """What the profile report needs besides the timings: the model's FLOP shape (``ckf_dist.flops``, taken
+    before DeepSpeed partitions the parameters), the device and its peak, the run's switches."""
+    import dataclasses
+
+    return {"shape": dataclasses.asdict(flops.model_shape(model)), "world_size": world,
+            **device_info(device, model_dtype(cfg, use_gpu), cfg.profile.peak_tflops),
+            "checkpoint_every_steps": cfg.checkpoint.every_steps,
+            "switches": {"zero_stage": cfg.deepspeed.zero_stage, "precision": str(model_dtype(cfg, use_gpu))[6:],
+                         "gradient_checkpointing": cfg.model.gradient_checkpointing,
+                         "batch_size": cfg.training.batch_size, "packing": cfg.training.packing,
+                         "attn_implementation": cfg.model.attn_implementation, "lora_impl": cfg.lora.impl}}
 
 
 def step_scalars(loss, running: dict, lam: float, lrs: list, group_names: list, grad_norm, interval: dict,

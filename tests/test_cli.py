@@ -11,7 +11,8 @@ import textwrap
 
 import pytest
 
-ENTRY_POINTS = ["ckf_dist.train", "ckf_dist.data.prepare", "ckf_dist.cf_refresh", "ckf_dist.evaluate"]
+ENTRY_POINTS = ["ckf_dist.train", "ckf_dist.data.prepare", "ckf_dist.cf_refresh", "ckf_dist.evaluate",
+                "ckf_dist.profile"]
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)
@@ -38,7 +39,7 @@ def test_help_lists_every_config_key_and_exits_0(module):
 def test_each_entry_point_shows_its_own_options():
     helps = {m: subprocess.run([sys.executable, "-m", m, "-h"], capture_output=True, text=True, timeout=300).stdout
              for m in ENTRY_POINTS}
-    assert "--verbose" in helps["ckf_dist.train"]
+    assert "--verbose" in helps["ckf_dist.train"] and "--verbose" in helps["ckf_dist.profile"]
     assert "--force" in helps["ckf_dist.data.prepare"]
     assert "--every INTERVAL" in helps["ckf_dist.cf_refresh"] and "--max-runs N" in helps["ckf_dist.cf_refresh"]
     for flag in ("--checkpoint", "--baseline {none,cf-only}", "--compare REPORT [REPORT ...]", "--chart"):

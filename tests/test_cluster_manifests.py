@@ -500,7 +500,7 @@ def test_pins_cover_every_dependency_and_agree_with_setup_py_and_ci():
 
     pins = _constraints()
     reqs = [Requirement(r) for r in importlib.metadata.requires("ckf_dist")]
-    needed = [r for r in reqs if r.marker is None or any(r.marker.evaluate({"extra": e}) for e in ("gguf", "gpu"))]
+    needed = [r for r in reqs if r.marker is None or any(r.marker.evaluate({"extra": e}) for e in ("gguf", "bench", "gpu"))]
     assert {canonicalize_name(r.name) for r in needed} >= {"torch", "ray", "deepspeed", "transformers"}
     for r in needed:
         name = canonicalize_name(r.name)

@@ -41,6 +41,9 @@ def test_dotlist_overrides_and_types():
     ("training.max_minutes=-1", "training.max_minutes"),
     ("model.zero_init=yes", "model.zero_init"),
     ("model.zero_init=true", "model.zero_init=true needs model.source=hf"),  # the tiny model
+    ("profile.steps=1", "profile.steps"),
+    ("profile.trace_steps=-1", "profile.trace_steps"),
+    ("profile.peak_tflops=-5", "profile.peak_tflops"),
 ])
 def test_bad_keys_and_values_are_named(arg, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):

@@ -35,7 +35,7 @@ import yaml
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ["README.md", "cluster/README.md", "kernels/README.md"]
 MANIFESTS = sorted((REPO / "cluster").glob("*.yaml"))
-ENTRY_POINTS = {"ckf_dist.train", "ckf_dist.data.prepare", "ckf_dist.cf_refresh", "ckf_dist.evaluate"}
+ENTRY_POINTS = {"ckf_dist.train", "ckf_dist.data.prepare", "ckf_dist.cf_refresh", "ckf_dist.evaluate", "ckf_dist.profile"}
 OPERATORS = {"&&", "||", "|", ";", "&"}
 REDIRECTS = {">", ">>", "<", "2>", "2>&1"}
 FILE_ONLY = {"kubectl", "helm", "docker", "aws", "openssl", "base64"}
