@@ -198,6 +198,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from ckf_dist.cf_pickup import CFVersionFollower, table_checksum
     from ckf_dist.checkpoint import export_adapter
+    from ckf_dist.resume import open_resume_checkpoint
 
     _quiet_worker_warnings()
     cfg: Config = from_dict(loop_config["config"])
@@ -212,9 +213,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # ---- resume state
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "cf_version": None, "train_seconds": 0.0}
-    resume = ray.train.get_checkpoint()
-    resume_dir_ctx = resume.as_directory() if resume else None
-    resume_dir = resume_dir_ctx.__enter__() if resume_dir_ctx else None
+    # Ray Train's latest checkpoint, or the newest complete one before it when that one is not (ckf_dist.resume)
+    resume_dir_ctx, resume_dir, skipped = open_resume_checkpoint(ray.train.get_checkpoint(), rank, device, log)
     # An in-place restart (Ray Train restarted the worker group after a failure, ray.max_failures) and a
     # resume by rerun take the same path: ray.train.get_checkpoint() is the latest reported checkpoint. The
     # driver's launch id tells them apart (the checkpoint was written by this same trainer.fit()).
@@ -224,6 +224,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with open(os.path.join(resume_dir, STATE_FILE)) as f:
             state.update(json.load(f))
         restart = launch is not None and state.get("launch_id") == launch
+        state["skipped_checkpoints"] = skipped
         if restart:
             state["restarts"] = state.get("restarts", 0) + 1
         log(f"{'restarted after a worker failure: ' if restart else ''}resuming from checkpoint at step "
@@ -231,7 +232,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     state["launch_id"] = launch
     mlog = MetricsLog(run_folder(cfg), cfg.data.s3, resume_step=state["step"]) if rank == 0 else None
     if mlog is not None and resume_dir:
-        mlog.log("resume", state["step"], {}, {"restart": restart, "restarts": state.get("restarts", 0)})
+        mlog.log("resume", state["step"], {}, {"restart": restart, "restarts": state.get("restarts", 0),
+                                               "skipped_checkpoints": skipped})
 
     data_manifest = loop_config["data_manifest"]
     cf_version, users, items = load_cf_tables(cfg, state["cf_version"], data_manifest)
@@ -359,7 +361,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     metrics.update(step=step, cf_version=cf_version, train_seconds=clock.seconds, stopped_by=clock.stopped_by(step),
                    optimizer_step=optimizer_step(engine), lr=scheduler.get_last_lr(), epoch=state["epoch"],
                    batch_in_epoch=state["batch_in_epoch"], resumed=state.get("resumed"),
-                   restarts=state.get("restarts", 0))
+                   restarts=state.get("restarts", 0), skipped_checkpoints=state.get("skipped_checkpoints", []))
     if mlog is not None:
         final = {k: v for k, v in metrics.items() if not k.startswith(("before/", "after/"))}
         mlog.log("final", step, _tagged("final", {k: v for k, v in final.items() if k != "lr"}),
@@ -529,6 +531,8 @@ def _save_and_report(engine, state: dict, metrics: dict, rank: int, cfg: Config,
     import ray.train
     from ray.train import Checkpoint
 
+    from ckf_dist.resume import write_manifest
+
     if mlog is not None:
         mlog.sync()
 
@@ -549,4 +553,5 @@ def _save_and_report(engine, state: dict, metrics: dict, rank: int, cfg: Config,
         save_rng(tmp, rank)
         with open(os.path.join(tmp, f"step_rank{rank}.json"), "w") as f:
             json.dump({"step": state["step"], "train_seconds": state["train_seconds"]}, f)
+        write_manifest(tmp, rank, ray.train.get_context().get_world_size(), state["step"])  # last (ckf_dist.resume)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))

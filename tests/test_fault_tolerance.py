@@ -65,3 +65,127 @@ def test_bad_shard_refused_before_anything_is_written(s3_server, ray_local, tmp_
     assert _listing(sfs, storage) == []  # no run folder, no checkpoint, no metrics
     assert _listing(efs, embeddings) == []  # no CF version trained
     assert _listing(fs, root) == data_before
+
+
+def _checkpoints(cfg) -> dict[str, dict]:
+    """{checkpoint folder name: {relative file: size}} of a run's folder."""
+    import pyarrow.fs as pafs
+
+    from ckf_dist.data import io
+    from ckf_dist.metrics_log import run_folder
+
+    fs, root = io.get_filesystem(run_folder(cfg), cfg.data.s3)
+    if not io.exists(fs, root):
+        return {}
+    out: dict[str, dict] = {}
+    for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        rel = f.path[len(root) + 1:]
+        if rel.startswith("checkpoint_") and "/" in rel and f.type == pafs.FileType.File:
+            name, inner = rel.split("/", 1)
+            out.setdefault(name, {})[inner] = f.size
+    return out
+
+
+def _registered_step(cfg) -> int:
+    """The step of the latest checkpoint Ray Train registered (its checkpoint manager's snapshot in the run folder
+    names it); 0 before the first. Ray Train registers a checkpoint some seconds after its upload (its controller
+    polls the workers every 2 s), so an upload alone does not make the checkpoint the one a rerun resumes from."""
+    import json
+
+    from ckf_dist.data import io
+    from ckf_dist.metrics_log import run_folder
+    from ckf_dist.worker import STATE_FILE
+
+    fs, root = io.get_filesystem(run_folder(cfg), cfg.data.s3)
+    snap = io.join(root, "checkpoint_manager_snapshot.json")  # ray.train.v2 CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+    if not io.exists(fs, snap):
+        return 0
+    latest = json.loads(io.read_bytes(fs, snap))["latest_checkpoint_result"]
+    return io.read_json(fs, io.join(root, latest["checkpoint_dir_name"], STATE_FILE))["step"] if latest else 0
+
+
+def test_driver_killed_rerun_resumes_then_corrupt_newest_checkpoint_is_skipped(s3_server, ray_local, tmp_path, capfd):  # noqa: F811
+    """(1) ``python -m ckf_dist.train ...`` SIGKILLed once its step-4 checkpoint is registered; the same command
+    run again resumes from the latest checkpoint Ray Train registered and finishes: steps 1-8 each logged once,
+    Adam stepped 8 times, and the adapter equals an uninterrupted run's bit for bit (deterministic data order,
+    RNG state in the checkpoints: see test_worker_killed_mid_run_restarts_in_place for why equality, not a
+    tolerance). (2) A shard of the newest checkpoint (step 8) is then truncated in S3: a longer run with the
+    same name skips it, says so, resumes from the step-6 checkpoint and trains steps 7-10."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+    import torch
+
+    from ckf_dist.data import io
+    from ckf_dist.metrics_log import JSONL, run_folder
+    from ckf_dist.train import run
+    from tests.test_train_integration import _adapter, _args
+
+    steps, opts = 8, {"training.eval_rows": 0, "training.deterministic_data": "true"}
+    # the uninterrupted reference (test_worker_killed_mid_run_restarts_in_place's; a finished run reruns as a no-op)
+    ref = run(_cfg(s3_server, "nofault-run", steps, **opts))
+    assert ref.metrics["step"] == steps
+    cfg = _cfg(s3_server, "driver-kill-run", steps, **opts)
+    # the driver joins this test's local Ray: the kill ends its job (workers included), not the cluster
+    cmd = [sys.executable, "-m", "ckf_dist.train"] + _args(
+        s3_server, "driver-kill-run", steps, **opts, **{"ray.address": ray.get_runtime_context().gcs_address})
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(tmp_path / "first.log", "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None and _registered_step(cfg) < 4:
+            time.sleep(0.3)
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = _registered_step(cfg)  # read again: the driver is gone, nothing registers any more
+    assert 4 <= killed_at < steps, killed_at
+
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-5000:]
+    assert f"resuming from checkpoint at step {killed_at}" in rerun.stdout, rerun.stdout[-3000:]
+    fs, folder = io.get_filesystem(run_folder(cfg), cfg.data.s3)
+    lines = [json.loads(x) for x in io.read_bytes(fs, io.join(folder, JSONL)).decode().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "train"] == list(range(1, steps + 1))
+    assert [(r["kind"], r["step"], r.get("restart")) for r in lines if r["kind"] != "train"] == [
+        ("resume", killed_at, False), ("final", steps, None)]
+    final = lines[-1]
+    assert final["final/step"] == steps and final["final/optimizer_step"] == steps
+    assert final["final/resumed_from_step"] == killed_at
+    a, b = _adapter(_cfg(s3_server, "nofault-run", steps)), _adapter(cfg)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), (k, float((a[k] - b[k]).abs().max()))
+
+    # (2) truncate rank 1's optimizer shard of the newest checkpoint (the final one, step 8)
+    ckpts = _checkpoints(cfg)
+    newest = max(ckpts)
+    assert io.read_json(*_fs_path(cfg, newest, "trainer_state.json"))["step"] == steps
+    shard = next(rel for rel in ckpts[newest] if rel.endswith("optim_states.pt") and "rank_1" in rel)
+    sfs, spath = _fs_path(cfg, newest, shard)
+    io.write_bytes(sfs, spath, io.read_bytes(sfs, spath)[: ckpts[newest][shard] // 2])
+    capfd.readouterr()
+    longer = run(_cfg(s3_server, "driver-kill-run", steps + 2, **opts))
+    said = capfd.readouterr().out
+    m = longer.metrics
+    assert m["skipped_checkpoints"] == [{"checkpoint": newest, "why": f"{shard} (rank 1) is "
+                                         f"{ckpts[newest][shard] // 2} bytes, its manifest says {ckpts[newest][shard]}"}]
+    assert f"skipping checkpoint {newest}: {shard} (rank 1)" in said, said[-3000:]
+    assert "the newest complete checkpoint; skipped " + newest in said, said[-3000:]
+    assert m["resumed_from_step"] == steps - 2 and m["resumed"]["optimizer_step"] == steps - 2
+    assert m["step"] == steps + 2 and m["optimizer_step"] == steps + 2
+    lines = [json.loads(x) for x in io.read_bytes(fs, io.join(folder, JSONL)).decode().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "train"] == list(range(1, steps + 3))
+
+
+def _fs_path(cfg, checkpoint: str, rel: str):
+    """(filesystem, path) of a file in a checkpoint folder of the run."""
+    from ckf_dist.data import io
+    from ckf_dist.metrics_log import run_folder
+
+    return io.get_filesystem(io.join(run_folder(cfg), checkpoint, rel), cfg.data.s3)
