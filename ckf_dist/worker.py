@@ -6,12 +6,13 @@ the evaluation passes) happen the same number of times on every rank: ``ray.trai
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
 import time
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -344,7 +345,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                      train_seconds=clock.seconds)
         if step % cfg.checkpoint.every_steps == 0 and not finished:
             _save_and_report(engine, state, {"step": step, "cf_version": cf_version}, rank, cfg, tokenizer, None,
-                             mlog=mlog)
+                             mlog=mlog, log=progress.line if progress is not None else None)
         if step == kill_at and rank == 1:
             _fault_kill_once(cfg, step)
 
@@ -368,7 +369,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                  {"cf_version": cf_version, "stopped_by": final["stopped_by"]})
         mlog.close()  # everything at the storage path before the final checkpoint is reported
     _save_and_report(engine, state, metrics, rank, cfg, tokenizer, export_adapter if cfg.checkpoint.export_adapter else None,
-                     heldout=heldout)
+                     heldout=heldout, log=progress.line if progress is not None else None)
 
 
 def step_scalars(loss, running: dict, lam: float, lrs: list, group_names: list, grad_norm, interval: dict,
@@ -524,15 +525,21 @@ def _fmt(report: dict) -> str:
 
 
 def _save_and_report(engine, state: dict, metrics: dict, rank: int, cfg: Config, tokenizer, export,
-                     heldout: Optional[dict] = None, mlog: Optional[MetricsLog] = None) -> None:
+                     heldout: Optional[dict] = None, mlog: Optional[MetricsLog] = None,
+                     log: Optional[Callable[[str], None]] = None) -> None:
     """Every rank writes its DeepSpeed shard files into its own temp dir; Ray Train uploads them all into the
     same checkpoint folder. Rank 0 adds the trainer state (and the adapter export at the end) and syncs the
     metrics log to the run folder (``ckf_dist.metrics_log``)."""
     import ray.train
     from ray.train import Checkpoint
 
+    from ckf_dist.data.io import wait_for_storage
     from ckf_dist.resume import write_manifest
 
+    # An S3 outage: wait for the storage here (with a log line per probe) rather than let the upload below fail
+    # the worker once Arrow's request retries (data.s3.retry_attempts) are spent mid-outage.
+    say = log or (lambda msg: logging.getLogger("ckf_dist.worker").warning("[rank %d] %s", rank, msg))
+    wait_for_storage(cfg.checkpoint.storage_path, cfg.data.s3, say, cfg.data.s3.outage_wait_s)
     if mlog is not None:
         mlog.sync()
 

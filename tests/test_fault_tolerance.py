@@ -189,3 +189,87 @@ def _fs_path(cfg, checkpoint: str, rel: str):
     from ckf_dist.metrics_log import run_folder
 
     return io.get_filesystem(io.join(run_folder(cfg), checkpoint, rel), cfg.data.s3)
+
+
+class _Tee:
+    """sys.stdout that also keeps what is written (the driver's console: its own lines and rank 0's)."""
+
+    def __init__(self, real):
+        self.real, self.parts = real, []
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return self.real.write(text)
+
+    def flush(self) -> None:
+        self.real.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def test_s3_outage_mid_run_is_ridden_out(moto_server, s3_server, ray_local, monkeypatch):  # noqa: F811
+    """The S3 server stops once the step-2 checkpoint is registered and starts again on the same port once a
+    worker has said it waits for it (at least 3 s later). The run finishes without a worker restart: the
+    checkpoint uploads wait for the storage (a log line per probe) and every S3 request in flight is retried by
+    Arrow (data.s3.retry_attempts). Every checkpoint left in the run folder is complete (its manifests match its
+    files), steps 1-8 are logged once each, and the adapter equals the uninterrupted run's bit for bit."""
+    import json
+    import sys
+    import threading
+    import time
+
+    import torch
+
+    from ckf_dist.data import io
+    from ckf_dist.metrics_log import JSONL, run_folder
+    from ckf_dist.resume import storage_problem
+    from ckf_dist.train import run
+    from tests.test_train_integration import _adapter
+
+    steps, opts = 8, {"training.eval_rows": 0, "training.deterministic_data": "true"}
+    ref = run(_cfg(s3_server, "nofault-run", steps, **opts))
+    cfg = _cfg(s3_server, "outage-run", steps, **opts, **{"checkpoint.every_steps": 1})
+    tee = _Tee(sys.stdout)
+    monkeypatch.setattr(sys, "stdout", tee)
+    outage: dict = {}
+
+    def outage_when_training():
+        deadline = time.time() + 600
+        while time.time() < deadline and _registered_step(cfg) < 2:
+            time.sleep(0.3)
+        moto_server.stop()
+        outage["down"] = time.time()
+        while time.time() < deadline and (time.time() - outage["down"] < 3 or "unreachable" not in tee.text()):
+            time.sleep(0.2)
+        moto_server.start()
+        outage["up"] = time.time()
+
+    thread = threading.Thread(target=outage_when_training, daemon=True)
+    thread.start()
+    try:
+        result = run(cfg)
+    finally:
+        thread.join(timeout=700)
+        if "up" not in outage:
+            moto_server.start()
+    said = tee.text()
+    assert "storage s3://ckf-test/runs unreachable" in said and "reachable again after" in said, said[-3000:]
+    m = result.metrics
+    assert m["restarts"] == 0 and m["step"] == steps and m["optimizer_step"] == steps
+    assert m["resumed_from_step"] == 0
+
+    fs, folder = io.get_filesystem(run_folder(cfg), cfg.data.s3)
+    names = [p.rsplit("/", 1)[-1] for p in _checkpoints(cfg)]
+    assert len(names) == cfg.checkpoint.keep, names
+    for name in names:
+        assert storage_problem(fs, io.join(folder, name))[0] is None, name
+    lines = [json.loads(x) for x in io.read_bytes(fs, io.join(folder, JSONL)).decode().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "train"] == list(range(1, steps + 1))
+    assert ref.metrics["step"] == steps
+    a, b = _adapter(_cfg(s3_server, "nofault-run", steps)), _adapter(cfg)
+    for k in a:
+        assert torch.equal(a[k], b[k]), (k, float((a[k] - b[k]).abs().max()))
