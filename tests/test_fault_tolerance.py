@@ -88,8 +88,9 @@ def _checkpoints(cfg) -> dict[str, dict]:
 
 def _registered_step(cfg) -> int:
     """The step of the latest checkpoint Ray Train registered (its checkpoint manager's snapshot in the run folder
-    names it); 0 before the first. Ray Train registers a checkpoint some seconds after its upload (its controller
-    polls the workers every 2 s), so an upload alone does not make the checkpoint the one a rerun resumes from."""
+    names it); 0 before the first, -1 when read half-rewritten. Ray Train registers a checkpoint some seconds
+    after its upload (its controller polls the workers every 2 s), so an upload alone does not make the
+    checkpoint the one a rerun resumes from."""
     import json
 
     from ckf_dist.data import io
@@ -100,7 +101,10 @@ def _registered_step(cfg) -> int:
     snap = io.join(root, "checkpoint_manager_snapshot.json")  # ray.train.v2 CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
     if not io.exists(fs, snap):
         return 0
-    latest = json.loads(io.read_bytes(fs, snap))["latest_checkpoint_result"]
+    try:
+        latest = json.loads(io.read_bytes(fs, snap))["latest_checkpoint_result"]
+    except ValueError:  # read while the controller rewrites it (moto serves the object being replaced)
+        return -1
     return io.read_json(fs, io.join(root, latest["checkpoint_dir_name"], STATE_FILE))["step"] if latest else 0
 
 
