@@ -37,6 +37,10 @@ class S3Config:
     region: str = ""
     access_key_id: str = ""
     secret_access_key: str = ""
+    retry_attempts: int = 10  # tries per S3 request (AWS standard retry, exponential backoff <= 20 s): ~90 s of outage; 1 = none
+    # Before each checkpoint upload a worker waits up to this long for unreachable S3 (probing with backoff and a
+    # log line per try) instead of failing; 0 = no wait (an outage longer than the request retries fails the worker).
+    outage_wait_s: float = 900.0
 
 
 @dataclass
@@ -320,6 +324,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.raw_path must name the raw files for data.source={cfg.data.source!r}")
     if cfg.data.num_candidates < 2:
         raise ConfigError("data.num_candidates must be >= 2 (1 positive + negatives)")
+    if cfg.data.s3.retry_attempts < 1 or cfg.data.s3.outage_wait_s < 0:
+        raise ConfigError(f"data.s3.retry_attempts={cfg.data.s3.retry_attempts} must be >= 1 and "
+                          f"data.s3.outage_wait_s={cfg.data.s3.outage_wait_s} >= 0")
     if bool(cfg.data.s3.access_key_id) != bool(cfg.data.s3.secret_access_key):
         raise ConfigError("data.s3.access_key_id and data.s3.secret_access_key go together: set both or neither "
                           "(neither = the environment's AWS_* keys or the default AWS credential chain)")

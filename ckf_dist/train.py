@@ -233,6 +233,7 @@ def _run(cfg: Config, verbose: bool, out: "console.Console"):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ckf_dist.data.streaming import prompt_dataset
+    from ckf_dist.data.validate import check_data_set
     from ckf_dist.heldout import heldout_table
     from ckf_dist.metrics_log import JSONL, TB_DIR, run_folder
     from ckf_dist.worker import FAULT_KILL_ENV, train_loop_per_worker
@@ -242,7 +243,11 @@ def _run(cfg: Config, verbose: bool, out: "console.Console"):
     use_gpu = init_ray(cfg, verbose)
     _quiet_driver(verbose)
     manifest = ensure_data(cfg, progress)
-    _say(f"data: {resolve_data_path(cfg)} ({manifest.get('num_users')} users, {manifest.get('num_items')} items)")
+    # Before anything is written or a worker starts: a bad shard found by a worker would be retried
+    # ray.max_failures times on the same file (ckf_dist.data.validate).
+    shards = check_data_set(resolve_data_path(cfg), manifest, cfg.data.s3)
+    _say(f"data: {resolve_data_path(cfg)} ({manifest.get('num_users')} users, {manifest.get('num_items')} items; "
+         f"{shards} shards checked)")
     ensure_embeddings(cfg, manifest, progress)
     tokenizer = build_tokenizer(cfg)
     cfg = ensure_base_model(cfg, tokenizer, manifest, progress)

@@ -6,12 +6,13 @@ the evaluation passes) happen the same number of times on every rank: ``ray.trai
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
 import time
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -217,6 +218,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from ckf_dist.cf_pickup import CFVersionFollower, table_checksum
     from ckf_dist.checkpoint import export_adapter
+    from ckf_dist.resume import open_resume_checkpoint
 
     _quiet_worker_warnings()
     cfg: Config = from_dict(loop_config["config"])
@@ -231,9 +233,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # ---- resume state
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "cf_version": None, "train_seconds": 0.0}
-    resume = ray.train.get_checkpoint()
-    resume_dir_ctx = resume.as_directory() if resume else None
-    resume_dir = resume_dir_ctx.__enter__() if resume_dir_ctx else None
+    # Ray Train's latest checkpoint, or the newest complete one before it when that one is not (ckf_dist.resume)
+    resume_dir_ctx, resume_dir, skipped = open_resume_checkpoint(ray.train.get_checkpoint(), rank, device, log)
     # An in-place restart (Ray Train restarted the worker group after a failure, ray.max_failures) and a
     # resume by rerun take the same path: ray.train.get_checkpoint() is the latest reported checkpoint. The
     # driver's launch id tells them apart (the checkpoint was written by this same trainer.fit()).
@@ -243,6 +244,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with open(os.path.join(resume_dir, STATE_FILE)) as f:
             state.update(json.load(f))
         restart = launch is not None and state.get("launch_id") == launch
+        state["skipped_checkpoints"] = skipped
         if restart:
             state["restarts"] = state.get("restarts", 0) + 1
         log(f"{'restarted after a worker failure: ' if restart else ''}resuming from checkpoint at step "
@@ -250,7 +252,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     state["launch_id"] = launch
     mlog = MetricsLog(run_folder(cfg), cfg.data.s3, resume_step=state["step"]) if rank == 0 else None
     if mlog is not None and resume_dir:
-        mlog.log("resume", state["step"], {}, {"restart": restart, "restarts": state.get("restarts", 0)})
+        mlog.log("resume", state["step"], {}, {"restart": restart, "restarts": state.get("restarts", 0),
+                                               "skipped_checkpoints": skipped})
 
     data_manifest = loop_config["data_manifest"]
     cf_version, users, items = load_cf_tables(cfg, state["cf_version"], data_manifest)
@@ -379,7 +382,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 and not finished:
             with timer.section("checkpoint"):
                 _save_and_report(engine, state, {"step": step, "cf_version": cf_version}, rank, cfg, tokenizer,
-                                 None, mlog=mlog)
+                                 None, mlog=mlog, log=progress.line if progress is not None else None)
         timer.end_step()
         if step == kill_at and rank == 1:
             _fault_kill_once(cfg, step)
@@ -398,14 +401,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     metrics.update(step=step, cf_version=cf_version, train_seconds=clock.seconds, stopped_by=clock.stopped_by(step),
                    optimizer_step=optimizer_step(engine), lr=scheduler.get_last_lr(), epoch=state["epoch"],
                    batch_in_epoch=state["batch_in_epoch"], resumed=state.get("resumed"),
-                   restarts=state.get("restarts", 0))
+                   restarts=state.get("restarts", 0), skipped_checkpoints=state.get("skipped_checkpoints", []))
     if mlog is not None:
         final = {k: v for k, v in metrics.items() if not k.startswith(("before/", "after/"))}
         mlog.log("final", step, _tagged("final", {k: v for k, v in final.items() if k != "lr"}),
                  {"cf_version": cf_version, "stopped_by": final["stopped_by"]})
         mlog.close()  # everything at the storage path before the final checkpoint is reported
     _save_and_report(engine, state, metrics, rank, cfg, tokenizer, export_adapter if cfg.checkpoint.export_adapter else None,
-                     heldout=heldout)
+                     heldout=heldout, log=progress.line if progress is not None else None)
 
 
 def _profile_facts(cfg: Config, model, device, use_gpu: bool, world: int) -> dict:
@@ -602,13 +605,21 @@ def _fmt(report: dict) -> str:
 
 
 def _save_and_report(engine, state: dict, metrics: dict, rank: int, cfg: Config, tokenizer, export,
-                     heldout: Optional[dict] = None, mlog: Optional[MetricsLog] = None) -> None:
+                     heldout: Optional[dict] = None, mlog: Optional[MetricsLog] = None,
+                     log: Optional[Callable[[str], None]] = None) -> None:
     """Every rank writes its DeepSpeed shard files into its own temp dir; Ray Train uploads them all into the
     same checkpoint folder. Rank 0 adds the trainer state (and the adapter export at the end) and syncs the
     metrics log to the run folder (``ckf_dist.metrics_log``)."""
     import ray.train
     from ray.train import Checkpoint
 
+    from ckf_dist.data.io import wait_for_storage
+    from ckf_dist.resume import write_manifest
+
+    # An S3 outage: wait for the storage here (with a log line per probe) rather than let the upload below fail
+    # the worker once Arrow's request retries (data.s3.retry_attempts) are spent mid-outage.
+    say = log or (lambda msg: logging.getLogger("ckf_dist.worker").warning("[rank %d] %s", rank, msg))
+    wait_for_storage(cfg.checkpoint.storage_path, cfg.data.s3, say, cfg.data.s3.outage_wait_s)
     if mlog is not None:
         mlog.sync()
 
@@ -634,4 +645,5 @@ def _save_and_report(engine, state: dict, metrics: dict, rank: int, cfg: Config,
         save_rng(tmp, rank)
         with open(os.path.join(tmp, f"step_rank{rank}.json"), "w") as f:
             json.dump({"step": state["step"], "train_seconds": state["train_seconds"]}, f)
+        write_manifest(tmp, rank, ray.train.get_context().get_world_size(), state["step"])  # last (ckf_dist.resume)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))

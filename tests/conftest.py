@@ -25,15 +25,39 @@ def shared_dataset(name: str) -> pathlib.Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """A real S3 HTTP endpoint (moto server) on 127.0.0.1 with a bucket ``ckf-test``; sets the AWS env vars."""
-    from moto.server import ThreadedMotoServer
+class MotoServer:
+    """moto's S3 server on 127.0.0.1. ``stop()`` then ``start()`` simulates an outage: the new server listens on
+    the same port and serves the same buckets (moto keeps its state in this process, not in the server)."""
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+        self._server.start()
+        host, self.port = self._server.get_host_and_port()
+        self.endpoint = f"http://{host}:{self.port}"
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port)
+        self._server.start()
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    server = MotoServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(moto_server):
+    """A real S3 HTTP endpoint (moto server) on 127.0.0.1 with a bucket ``ckf-test``; sets the AWS env vars."""
+    endpoint = moto_server.endpoint
     saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
@@ -41,7 +65,6 @@ def s3_server():
 
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="ckf-test")
     yield endpoint
-    server.stop()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

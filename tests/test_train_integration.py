@@ -29,6 +29,11 @@ def ray_local():
 def _cfg(endpoint: str, run_name: str, max_steps: int, **extra):
     from ckf_dist.config import load_config
 
+    return load_config(_args(endpoint, run_name, max_steps, **extra))
+
+
+def _args(endpoint: str, run_name: str, max_steps: int, **extra) -> list[str]:
+    """The key=value arguments of a small run against the moto S3 server at ``endpoint`` (``_cfg`` loads them)."""
     s3 = [f"data.s3.endpoint_url={endpoint}", "data.s3.access_key_id=testing", "data.s3.secret_access_key=testing",
           "data.s3.region=us-east-1"]
     args = s3 + [
@@ -38,7 +43,7 @@ def _cfg(endpoint: str, run_name: str, max_steps: int, **extra):
         "training.batch_size=8", "training.log_every=1", "training.eval_rows=24", "cf.epochs=5",
         "model.tiny.pretrain_steps=20", "model.tiny.pretrain_batch_size=8",
     ] + [f"{k}={v}" for k, v in extra.items()]
-    return load_config(args)
+    return args
 
 
 def _adapter(cfg):

@@ -73,8 +73,27 @@ def get_filesystem(path: str, s3: Optional[S3Config] = None) -> tuple[pafs.FileS
             kwargs["secret_key"] = opts["secret_access_key"]
             if opts["session_token"]:
                 kwargs["session_token"] = opts["session_token"]
-        return pafs.S3FileSystem(**kwargs), path[len("s3://"):].rstrip("/")
+        return RetryingS3FileSystem((s3 or S3Config()).retry_attempts, **kwargs), path[len("s3://"):].rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """``pyarrow.fs.S3FileSystem`` whose every request (connection errors, 5xx, throttling) is retried up to
+    ``attempts`` times with the AWS standard strategy's exponential backoff (10 attempts ride out about 90 s).
+    A plain S3FileSystem drops its retry strategy when pickled (Arrow 26 pickles the other options only), so
+    the copies that Ray sends to its Train controller (checkpoint registry), workers (checkpoint uploads) and
+    Ray Data read tasks would fall back to 3 attempts (about 2 s); this subclass rebuilds it on unpickling."""
+
+    def __init__(self, attempts: int, **kwargs):
+        super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts), **kwargs)
+        self._ckf_args = (attempts, kwargs)
+
+    def __reduce__(self):
+        return _rebuild_s3, self._ckf_args
+
+
+def _rebuild_s3(attempts: int, kwargs: dict) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(attempts, **kwargs)
 
 
 # --------------------------------------------------------------------------- node-local cache of remote files
@@ -164,6 +183,37 @@ def cached_copy(uri: str, cache_root: str, s3: Optional[S3Config] = None,
             raise
         log.info("downloaded %s in %.1f s", uri, time.time() - t0)
     return final
+
+
+def wait_for_storage(uri: str, s3: Optional[S3Config], log: Callable[[str], None], max_wait_s: float,
+                     first_delay_s: float = 1.0, max_delay_s: float = 30.0) -> float:
+    """Returns once ``uri``'s storage answers a metadata request (an ``s3://`` bucket; a local path returns at
+    once), after at most ``max_wait_s`` seconds of trying: each failed probe (one request, no Arrow retries, so
+    the outage is seen within a second) says so through ``log`` and sleeps, doubling from ``first_delay_s`` to
+    ``max_delay_s``. Returns the seconds waited; raises the last error when the storage stays unreachable."""
+    if not is_s3(uri):
+        return 0.0
+    import dataclasses
+
+    fs, path = get_filesystem(uri, dataclasses.replace(s3 or S3Config(), retry_attempts=1))
+    t0, delay, tries = time.monotonic(), first_delay_s, 0
+    while True:
+        try:
+            fs.get_file_info(path)
+            waited = time.monotonic() - t0
+            if tries:
+                log(f"storage {uri} reachable again after {waited:.0f}s ({tries} failed probes)")
+            return waited
+        except OSError as exc:
+            tries += 1
+            waited = time.monotonic() - t0
+            if waited + delay > max_wait_s:
+                log(f"storage {uri} still unreachable after {waited:.0f}s: giving up ({str(exc).splitlines()[0]})")
+                raise
+            log(f"storage {uri} unreachable ({str(exc).splitlines()[0][:160]}); retrying in {delay:.0f}s "
+                f"(probe {tries}, up to data.s3.outage_wait_s={max_wait_s:g}s)")
+            time.sleep(delay)
+            delay = min(2 * delay, max_delay_s)
 
 
 def join(root: str, *parts: str) -> str:
