@@ -25,7 +25,13 @@ CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOK
 def _credentials(fs) -> dict:
     """The credential options the S3FileSystem was built with (what it pickles to Ray workers too); None = not
     given (Arrow reports an absent token as "" or None depending on how the keys were passed)."""
-    opts = fs.__reduce__()[1][0]
+    import pickle
+
+    import pyarrow.fs as pafs
+
+    # the copy Ray ships to its workers (io.RetryingS3FileSystem pickles its constructor arguments), read back
+    # through Arrow's own options
+    opts = pafs.S3FileSystem.__reduce__(pickle.loads(pickle.dumps(fs)))[1][0]
     out = {k: opts[k] or None for k in ("access_key", "secret_key", "session_token")}
     return {**out, "anonymous": opts["anonymous"]}
 

@@ -105,12 +105,13 @@ def test_exported_config_keeps_everything_but_the_credentials(written):
     root, cfg = written
     meta = json.loads((root / "adapter" / "adapter_config.json").read_text())
     snap = OmegaConf.to_container(OmegaConf.create(meta["config_yaml"]))
+    retry = {"retry_attempts": 10, "outage_wait_s": 900.0}  # not secrets: kept
     assert snap["data"]["s3"] == {"endpoint_url": ENDPOINT, "region": "eu-west-3", "access_key_id": "",
-                                  "secret_access_key": ""}
+                                  "secret_access_key": "", **retry}
     assert snap["data"]["num_users"] == 30 and meta["step"] == 3
     report = json.loads((root / "report.json").read_text())
     assert report["config"]["data"]["s3"] == {"endpoint_url": ENDPOINT, "region": "eu-west-3",
-                                              "access_key_id": "***", "secret_access_key": "***"}
+                                              "access_key_id": "***", "secret_access_key": "***", **retry}
 
 
 def test_config_snapshot_without_credentials_is_unchanged():
