@@ -7,7 +7,8 @@
 Per shape, in one run (frozen base weight; x and all adapters require grad; dY fixed):
   ceilings             copy bandwidth (one read + one write of x) and cuBLAS TFLOP/s of the base forward; from
                        them P = the time of one pass over an [N, d] tensor, the unit of the kernels' cost model
-  GEMM parity          the Triton GEMM of the fused path without LoRA vs cuBLAS, forward (x W^T) and backward (dY W)
+  GEMM parity          the Triton GEMM of the fused path without LoRA vs cuBLAS, forward (x W^T) and backward (dY W),
+                       with pointer loads ("fwd", "bwd") and with TMA descriptor loads ("fwd tma", "bwd tma")
   base linear          x W^T alone, forward + dX (the floor every LoRA variant is reported against)
   per-task index loop  shared LoRA + for each task: nonzero(task_ids == t) -> index_select -> LoRA -> index_add
   grouped_mm           torch grouped_mm over task-sorted rows (shrink + expand as two grouped GEMMs)
@@ -15,6 +16,7 @@ Per shape, in one run (frozen base weight; x and all adapters require grad; dY f
   torch reference      impl="torch" (one GEMM pair per task segment; syncs the host)
   triton fused/separate the fused path (Triton base GEMM, expand in its epilogue), shrink in / out of the K loop
   triton persistent    "separate" on a persistent grid (2 programs per SM walking the batch's tile list)
+  triton tma           "separate" with the base GEMMs' x/dY and W tiles loaded through TMA descriptors (tma=True)
   triton side          cuBLAS base + the Triton LoRA side kernels (impl="auto"'s fallback)
   triton auto          impl="auto" (whatever the dispatch picks for this shape)
 Timing: every method is timed ``--rounds`` times (default 3), the rounds interleaved (base, m1, m2, ..., base,
@@ -127,7 +129,7 @@ def torch_reference(p):
     return multi_lora_linear(*_args(p), impl="torch", lora_dropout=p["dropout"])
 
 
-def triton_kernel(fuse=None, base="triton", persistent=False):
+def triton_kernel(fuse=None, base="triton", persistent=False, tma=False):
     """A Triton variant as the model calls it: the batch's tile list built once (``p["tiles"]``)."""
     def run(p):
         from ckf_dist.kernels import multi_lora_triton as mlt
@@ -138,7 +140,7 @@ def triton_kernel(fuse=None, base="triton", persistent=False):
                                        if p["x"].is_cuda else 3)
         try:
             return mlt.multi_lora_linear_triton(*_args(p), fuse_shrink=fuse, base=base, lora_dropout=p["dropout"],
-                                                dropout_seed=p["seed"], tiles=p["tiles"])
+                                                dropout_seed=p["seed"], tiles=p["tiles"], tma=tma)
         finally:
             mlt.PERSISTENT_PROGRAMS = saved
     return run
@@ -159,10 +161,11 @@ METHODS = [
     ("triton fused", triton_kernel(True)),
     ("triton separate", triton_kernel(False)),
     ("triton persistent", triton_kernel(False, persistent=True)),
+    ("triton tma", triton_kernel(False, tma=True)),
     ("triton side", triton_kernel(None, "cublas")),
     ("triton auto", triton_auto),
 ]
-TRITON_METHODS = {"triton fused", "triton separate", "triton persistent", "triton side", "triton auto"}
+TRITON_METHODS = {"triton fused", "triton separate", "triton persistent", "triton tma", "triton side", "triton auto"}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -226,15 +229,18 @@ def ceilings(p, device, warmup_ms, rep_ms) -> dict:
 
 
 def gemm_parity(p, device, warmup_ms, rep_ms) -> dict:
-    """Triton GEMM (no LoRA) vs cuBLAS, both layouts: {"fwd"|"bwd": (triton_ms, cublas_ms)}."""
+    """Triton GEMM (no LoRA) vs cuBLAS, both layouts, pointer and TMA loads:
+    {"fwd"|"bwd"|"fwd tma"|"bwd tma": (triton_ms, cublas_ms)}."""
     from ckf_dist.kernels.multi_lora_triton import triton_base_gemm
 
     x, w, dy = p["x"].detach(), p["weight"].detach(), p["dy"].detach()
     out = {}
     with torch.no_grad():
         for layout, a, ref in (("fwd", x, lambda: F.linear(x, w)), ("bwd", dy, lambda: dy @ w)):
-            tri = time_ms(lambda: triton_base_gemm(a, w, layout), device, warmup_ms, rep_ms)
-            out[layout] = (tri, time_ms(ref, device, warmup_ms, rep_ms))
+            cub = time_ms(ref, device, warmup_ms, rep_ms)
+            for tma in (False, True):
+                tri = time_ms(lambda tma=tma: triton_base_gemm(a, w, layout, tma=tma), device, warmup_ms, rep_ms)
+                out[layout + (" tma" if tma else "")] = (tri, cub)
     return out
 
 
@@ -335,7 +341,7 @@ def main(argv=None) -> dict:
         if device == "cuda" or interpret:
             parity = gemm_parity(p, device, args.warmup, args.rep)
             for layout, (tri, cub) in parity.items():
-                print(f"# Triton GEMM without LoRA, {layout} ({'x W^T' if layout == 'fwd' else 'dY W'}): "
+                print(f"# Triton GEMM without LoRA, {layout} ({'x W^T' if layout.startswith('fwd') else 'dY W'}): "
                       f"{tri:.3f} ms vs cuBLAS {cub:.3f} ms = {100 * cub / tri:.0f}% of cuBLAS (go/no-go: >= 95%)")
         errs = {}
         for label, fn in methods:

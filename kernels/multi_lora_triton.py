@@ -63,6 +63,9 @@ POISON_OUTPUTS = False
 # benchmark times both: set it to a multiple of the SM count; tests set a small number to exercise the loop).
 PERSISTENT_PROGRAMS: Optional[int] = None
 TILE_BLOCKS = (16, 32, 64, 128)  # row-block sizes a tile list covers (every BLOCK_M the GEMM configs use)
+# Opt-in: the base GEMM loads its x and W tiles through device-side TMA tensor descriptors
+# (``tl.make_tensor_descriptor``) instead of masked pointer loads; CKF_LORA_TMA=1 or ``tma=True`` per call.
+USE_TMA = os.environ.get("CKF_LORA_TMA", "0") == "1"
 
 
 def build_tile_list(seg_offsets: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -195,7 +198,7 @@ def _listed_tile(pid_m, tiles_ptr, max_tiles, seg_ptr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _gemm_tile(
-    pid, tiles_ptr, max_tiles, x_ptr, w_ptr, bias_ptr, out_ptr, out2_ptr, h_ptr, seg_ptr,
+    pid, tiles_ptr, max_tiles, x_ptr, w_ptr, x_desc, w_desc, bias_ptr, out_ptr, out2_ptr, h_ptr, seg_ptr,
     # shrink operand S[j, k] (only read with FUSE_SHRINK): shared piece, task piece
     ss_ptr, ss_sj, ss_sk, st_ptr, st_st, st_sj, st_sk,
     # expand operand E[j, c]: shared piece, task piece
@@ -207,7 +210,7 @@ def _gemm_tile(
     NUM_TASKS: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, R_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr, STORE_H: tl.constexpr, SPLIT_OUT: tl.constexpr,
     ACCUMULATE: tl.constexpr, EPI_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    USE_TILES: tl.constexpr,
+    USE_TILES: tl.constexpr, TMA: tl.constexpr, W_K_CONTIG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One (row tile, column tile) of ``out[n, c] = sum_k x[n, k] Wt[k, c] + sum_j (scale_j h[n, j]) E_t[j, c] (+ bias[c])``.
@@ -219,6 +222,10 @@ def _gemm_tile(
     place (the "side" path: ``out`` already holds cuBLAS's x W^T + b). EPI_DROPOUT multiplies the LoRA term by
     the dropout keep mask / (1 - p) (backward: d x_l -> d x through the dropout). ``n_bucket`` is unused by the
     kernel: it only separates token-count buckets in the autotuner's key.
+    TMA: the x and Wt tiles come from the tensor descriptors ``x_desc`` ([N, K] box [BLOCK_M, BLOCK_K]) and
+    ``w_desc`` (W_K_CONTIG: W stored [C, K] (forward, x W^T), box [BLOCK_N, BLOCK_K], transposed after the
+    load; else W stored [K, C] (backward, dY W), box [BLOCK_K, BLOCK_N]); the descriptor zero-fills reads past
+    N, K and C. Rows of the next segment inside the box are computed and dropped by the masked store.
     """
     dt = x_ptr.dtype.element_ty
 
@@ -258,10 +265,17 @@ def _gemm_tile(
             for k0 in range(0, K, BLOCK_K):
                 k = k0 + offs_k
                 k_mask = k < K
-                xt = tl.load(x_ptr + rows64[:, None] * stride_xm + k[None, :] * stride_xk,
-                             mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                wt = tl.load(w_ptr + k[:, None] * stride_wk + cols[None, :] * stride_wc,
-                             mask=k_mask[:, None] & col_mask[None, :], other=0.0).to(dt)
+                if TMA:
+                    xt = x_desc.load([row_start, k0])
+                    if W_K_CONTIG:
+                        wt = tl.trans(w_desc.load([pid_n * BLOCK_N, k0])).to(dt)
+                    else:
+                        wt = w_desc.load([k0, pid_n * BLOCK_N]).to(dt)
+                else:
+                    xt = tl.load(x_ptr + rows64[:, None] * stride_xm + k[None, :] * stride_xk,
+                                 mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                    wt = tl.load(w_ptr + k[:, None] * stride_wk + cols[None, :] * stride_wc,
+                                 mask=k_mask[:, None] & col_mask[None, :], other=0.0).to(dt)
                 acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION)
                 if FUSE_SHRINK:
                     # The x tile is already in registers: the shrink costs R_PAD extra MMA columns, no extra load of x.
@@ -312,32 +326,46 @@ def _multi_lora_gemm_kernel(
     NUM_TASKS: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, R_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr, STORE_H: tl.constexpr, SPLIT_OUT: tl.constexpr,
     ACCUMULATE: tl.constexpr, EPI_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    USE_TILES: tl.constexpr, PERSISTENT: tl.constexpr,
+    USE_TILES: tl.constexpr, PERSISTENT: tl.constexpr, TMA: tl.constexpr, W_K_CONTIG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """The multi-LoRA GEMM (see ``_gemm_tile``). One program per output tile, or, with PERSISTENT, ``num_progs``
     programs each walking the tile ids ``pid, pid + num_progs, ...`` (a persistent grid: no tail wave of
     surplus programs, tiles of one task adjacent). USE_TILES: (task, row start) of a row tile come from the
     batch's tile list (``tiles_ptr``, built once per batch by ``build_tile_list``) instead of a scan of the
-    T + 1 offsets."""
+    T + 1 offsets. TMA: the descriptors of x and W are built once per program (see ``_gemm_tile``)."""
+    if TMA:
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[n_rows, K], strides=[stride_xm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        if W_K_CONTIG:
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[C, K], strides=[stride_wc, 1],
+                                               block_shape=[BLOCK_N, BLOCK_K])
+        else:
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K, C], strides=[stride_wk, 1],
+                                               block_shape=[BLOCK_K, BLOCK_N])
+    else:
+        x_desc = x_ptr
+        w_desc = w_ptr
     num_tiles = (tl.cdiv(n_rows, BLOCK_M) + (NUM_TASKS if R1 > 0 else 0)) * tl.cdiv(C, BLOCK_N)
     if PERSISTENT:
         for tile_id in range(tl.program_id(0), num_tiles, num_progs):
-            _gemm_tile(tile_id, tiles_ptr, max_tiles, x_ptr, w_ptr, bias_ptr, out_ptr, out2_ptr, h_ptr, seg_ptr,
+            _gemm_tile(tile_id, tiles_ptr, max_tiles, x_ptr, w_ptr, x_desc, w_desc, bias_ptr, out_ptr, out2_ptr,
+                       h_ptr, seg_ptr,
                        ss_ptr, ss_sj, ss_sk, st_ptr, st_st, st_sj, st_sk,
                        es_ptr, es_sj, es_sc, et_ptr, et_st, et_sj, et_sc, n_rows, K, C,
                        stride_xm, stride_xk, stride_wk, stride_wc, stride_om, stride_oc, stride_o2m, stride_o2c,
                        stride_hm, stride_hj, shared_scale, task_scale, drop_seed, drop_p, n_bucket,
                        NUM_TASKS, R0, R1, R_PAD, HAS_BIAS, FUSE_SHRINK, STORE_H, SPLIT_OUT, ACCUMULATE, EPI_DROPOUT,
-                       INPUT_PRECISION, USE_TILES, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+                       INPUT_PRECISION, USE_TILES, TMA, W_K_CONTIG, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     else:
-        _gemm_tile(tl.program_id(0), tiles_ptr, max_tiles, x_ptr, w_ptr, bias_ptr, out_ptr, out2_ptr, h_ptr, seg_ptr,
+        _gemm_tile(tl.program_id(0), tiles_ptr, max_tiles, x_ptr, w_ptr, x_desc, w_desc, bias_ptr, out_ptr,
+                   out2_ptr, h_ptr, seg_ptr,
                    ss_ptr, ss_sj, ss_sk, st_ptr, st_st, st_sj, st_sk,
                    es_ptr, es_sj, es_sc, et_ptr, et_st, et_sj, et_sc, n_rows, K, C,
                    stride_xm, stride_xk, stride_wk, stride_wc, stride_om, stride_oc, stride_o2m, stride_o2c,
                    stride_hm, stride_hj, shared_scale, task_scale, drop_seed, drop_p, n_bucket,
                    NUM_TASKS, R0, R1, R_PAD, HAS_BIAS, FUSE_SHRINK, STORE_H, SPLIT_OUT, ACCUMULATE, EPI_DROPOUT,
-                   INPUT_PRECISION, USE_TILES, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+                   INPUT_PRECISION, USE_TILES, TMA, W_K_CONTIG, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
 @triton.jit
@@ -525,7 +553,7 @@ _GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
 ]
 _GEMM_KEY = ["K", "C", "R_PAD", "FUSE_SHRINK", "SPLIT_OUT", "ACCUMULATE", "EPI_DROPOUT", "stride_wk", "n_bucket",
-             "num_progs"]
+             "num_progs", "TMA"]
 _INTERPRET_CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}),
@@ -616,11 +644,48 @@ def _gemm_meta(dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
+def _tma_alloc(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
+    """Global scratch for the device-side TMA descriptors (``tl.make_tensor_descriptor``: 128 bytes each)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_tma_allocator() -> None:
+    """Device-side descriptors need a Triton scratch allocator on CUDA. ``triton.set_allocator`` sets a
+    ContextVar (autograd's backward runs in another thread), so this runs before every CUDA TMA launch;
+    an allocator the caller set is kept."""
+    from triton.runtime import _allocation
+
+    current = getattr(_allocation, "_allocator", None)
+    if current is None or isinstance(current.get(), _allocation.NullAllocator):
+        triton.set_allocator(_tma_alloc)
+
+
+def _tma_ok(x: torch.Tensor, weight: torch.Tensor, wt_strides) -> Optional[bool]:
+    """None when the TMA loads cannot be used for this GEMM, else W_K_CONTIG (W's contiguous dimension is K:
+    the forward x W^T layout). TMA needs a contiguous last dimension of the described 2-D tensor and 16-byte
+    aligned base pointers and other strides; anything else (a column-strided x, an odd hidden size at this
+    element size, an offset view) keeps the pointer loads."""
+    stride_wk, stride_wc = wt_strides
+    if x.stride(1) != 1 and x.shape[1] > 1:
+        return None
+    if stride_wk == 1:
+        w_k_contig, w_outer = True, stride_wc
+    elif stride_wc == 1:
+        w_k_contig, w_outer = False, stride_wk
+    else:
+        return None
+    aligned = (x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
+               and (x.stride(0) * x.element_size()) % 16 == 0 and (w_outer * weight.element_size()) % 16 == 0)
+    return w_k_contig if aligned else None
+
+
 def _launch_gemm(x, wt_strides, weight, bias, out, out2, h, seg, shrink: Optional[_CatOperand],
                  expand: _CatOperand, r0, r1, num_tasks, shared_scale, task_scale, fuse_shrink, store_h,
-                 accumulate=False, epi_dropout: _Dropout = _NO_DROPOUT, tiles: Optional[torch.Tensor] = None):
+                 accumulate=False, epi_dropout: _Dropout = _NO_DROPOUT, tiles: Optional[torch.Tensor] = None,
+                 tma: bool = False):
     """out = x @ Wt (+ LoRA epilogue) (+ bias). x [N, K], out [N, C]; Wt strides ``wt_strides`` over ``weight``.
-    ``accumulate``: no GEMM, ``out += LoRA term`` in place (out holds cuBLAS's result)."""
+    ``accumulate``: no GEMM, ``out += LoRA term`` in place (out holds cuBLAS's result). ``tma``: load the x and
+    W tiles through TMA descriptors where ``_tma_ok`` allows (pointer loads otherwise)."""
     n_rows, k_dim = x.shape
     c_dim = out.shape[1]
     r_pad = h.shape[1]
@@ -630,6 +695,10 @@ def _launch_gemm(x, wt_strides, weight, bias, out, out2, h, seg, shrink: Optiona
     shrink = shrink if shrink is not None else expand  # only read with FUSE_SHRINK
 
     persistent = PERSISTENT_PROGRAMS is not None
+    w_k_contig = _tma_ok(x, weight, wt_strides) if tma and not accumulate else None
+    use_tma = w_k_contig is not None
+    if use_tma and x.is_cuda:
+        _ensure_tma_allocator()
     use_tiles = tiles is not None and has_task
 
     def grid(meta):
@@ -653,7 +722,7 @@ def _launch_gemm(x, wt_strides, weight, bias, out, out2, h, seg, shrink: Optiona
         NUM_TASKS=num_tasks if has_task else 1, R0=r0, R1=r1, R_PAD=r_pad, HAS_BIAS=bias is not None,
         FUSE_SHRINK=bool(fuse_shrink), STORE_H=bool(store_h), SPLIT_OUT=out2 is not None,
         ACCUMULATE=bool(accumulate), EPI_DROPOUT=epi_dropout.on, INPUT_PRECISION=_input_precision(x.dtype),
-        USE_TILES=use_tiles, PERSISTENT=persistent,
+        USE_TILES=use_tiles, PERSISTENT=persistent, TMA=use_tma, W_K_CONTIG=bool(w_k_contig),
     )
     if _AUTOTUNE:
         _multi_lora_gemm[grid](*args, *strides, **consts)
@@ -805,7 +874,7 @@ class MultiLoRALinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, shared_a, shared_b, task_a, task_b, seg_offsets, shared_scale, task_scale,
                 lora_x=None, fuse_shrink=None, param_grad_rows=None, dropout_p=0.0, dropout_seed=0, base="triton",
-                tiles=None):
+                tiles=None, tma=False):
         x2 = x.reshape(-1, x.shape[-1])
         lx2 = lora_x.reshape(-1, lora_x.shape[-1]) if lora_x is not None else None
         dims = _Dims(x2, weight, shared_a, task_a)
@@ -825,13 +894,14 @@ class MultiLoRALinearFn(torch.autograd.Function):
             # y = x W^T: Wt[k, c] = W[c, k]
             _launch_gemm(x2, (weight.stride(1), weight.stride(0)), weight, None if base == "cublas" else bias,
                          y, None, h, seg, a_op, b_op, dims.r0, dims.r1, dims.num_tasks, shared_scale, task_scale,
-                         fuse, store_h=True, accumulate=base == "cublas", tiles=tiles)
+                         fuse, store_h=True, accumulate=base == "cublas", tiles=tiles, tma=tma)
         ctx.dims = dims
         ctx.scales = (shared_scale, task_scale)
         ctx.has_lora_x = lora_x is not None
         ctx.drop = drop
         ctx.base = base
         ctx.tiles = tiles  # int32 index list, not differentiable: kept on ctx
+        ctx.tma = tma
         ctx.x_shape, ctx.lora_x_shape = x.shape, (lora_x.shape if lora_x is not None else None)
         lora_in = lx2 if lx2 is not None else x2
         x_for_dw = x2 if weight.requires_grad else None
@@ -883,7 +953,8 @@ class MultiLoRALinearFn(torch.autograd.Function):
                 # dX = dY W (+ s g A_cat [* dropout keep / (1 - p)], or into dlx for a separate lora_x).
                 _launch_gemm(dy2, (weight.stride(0), weight.stride(1)), weight, None, dx, dlx, g, seg, None, a_op,
                              *lora_args, shared_scale, task_scale, False, store_h=False,
-                             accumulate=ctx.base == "cublas", epi_dropout=ctx.drop, tiles=ctx.tiles)
+                             accumulate=ctx.base == "cublas", epi_dropout=ctx.drop, tiles=ctx.tiles,
+                             tma=ctx.tma)
 
         d_sa = d_ta = None
         if need_da:
@@ -905,12 +976,14 @@ class MultiLoRALinearFn(torch.autograd.Function):
             dx = dx.reshape(ctx.x_shape) if need_dx else None
         if dlx is not None:
             dlx = dlx.reshape(ctx.lora_x_shape) if need_dlx else None
-        return (dx, d_w, d_bias, d_sa, d_sb, d_ta, d_tb, None, None, None, dlx, None, None, None, None, None, None)
+        return (dx, d_w, d_bias, d_sa, d_sb, d_ta, d_tb, None, None, None, dlx,
+                None, None, None, None, None, None, None)
 
 
-def triton_base_gemm(a: torch.Tensor, weight: torch.Tensor, layout: str) -> torch.Tensor:
+def triton_base_gemm(a: torch.Tensor, weight: torch.Tensor, layout: str, tma: Optional[bool] = None) -> torch.Tensor:
     """The Triton GEMM of the fused path without any LoRA term, for the cuBLAS-parity check of the benchmark:
-    ``layout="fwd"``: a [N, d_in] @ W^T -> [N, d_out]; ``"bwd"``: a [N, d_out] @ W -> [N, d_in]."""
+    ``layout="fwd"``: a [N, d_in] @ W^T -> [N, d_out]; ``"bwd"``: a [N, d_out] @ W -> [N, d_in]. ``tma``: TMA
+    descriptor loads (None: ``USE_TMA``)."""
     strides = (weight.stride(1), weight.stride(0)) if layout == "fwd" else (weight.stride(0), weight.stride(1))
     c_dim = weight.shape[0] if layout == "fwd" else weight.shape[1]
     out = _empty(a.shape[0], c_dim, dtype=a.dtype, device=a.device)
@@ -918,7 +991,7 @@ def triton_base_gemm(a: torch.Tensor, weight: torch.Tensor, layout: str) -> torc
     none = _CatOperand(None, None, 0, dummy=a)
     if a.shape[0]:
         _launch_gemm(a, strides, weight, None, out, None, dummy_h, a, none, none, 0, 0, 0, 0.0, 0.0, False,
-                     store_h=False)
+                     store_h=False, tma=USE_TMA if tma is None else bool(tma))
     return out
 
 
@@ -934,7 +1007,8 @@ def chosen_gemm_configs() -> dict:
 def multi_lora_linear_triton(x, weight, bias, shared_a, shared_b, task_a, task_b, seg_offsets,
                              shared_scale: float, task_scale: float, lora_x=None, fuse_shrink: Optional[bool] = None,
                              param_grad_rows=None, lora_dropout: float = 0.0, dropout_seed: Optional[int] = None,
-                             base: str = "triton", check_segments: bool = True, tiles: Optional[torch.Tensor] = None):
+                             base: str = "triton", check_segments: bool = True, tiles: Optional[torch.Tensor] = None,
+                             tma: Optional[bool] = None):
     """Fused Triton multi-task LoRA linear; same maths, shapes and arguments as ``multi_lora_linear_reference``.
 
     Shapes: x, lora_x [..., d_in] (rows sorted by task); weight [d_out, d_in]; bias [d_out] | None;
@@ -952,6 +1026,10 @@ def multi_lora_linear_triton(x, weight, bias, shared_a, shared_b, task_a, task_b
     ``check_segments``: validate seg_offsets against the row count (``check_segment_offsets``; no host sync).
     ``tiles``: the batch's tile list (``build_tile_list(seg_offsets, N)``, built once per batch); None = every
     GEMM program scans the offsets.
+    ``tma``: the base GEMM (``base="triton"``, forward x W^T and backward dY W) loads its x / dY and W tiles
+    through TMA tensor descriptors (None: ``USE_TMA``, env ``CKF_LORA_TMA=1``; off by default). Used only where
+    the operands allow it (contiguous last dimension, 16-byte aligned base pointers and row strides); the
+    pointer loads otherwise.
     """
     if (shared_a is None) != (shared_b is None) or (task_a is None) != (task_b is None):
         raise ValueError("an adapter needs both its A and its B (or neither)")
@@ -989,7 +1067,8 @@ def multi_lora_linear_triton(x, weight, bias, shared_a, shared_b, task_a, task_b
         raise ValueError(f"param_grad_rows has {param_grad_rows.numel()} entries for {x.numel() // x.shape[-1]} rows")
     return MultiLoRALinearFn.apply(x, weight, bias, shared_a, shared_b, task_a, task_b, seg_offsets,
                                    float(shared_scale), float(task_scale), lora_x, fuse_shrink, param_grad_rows,
-                                   float(lora_dropout), int(dropout_seed or 0), base, tiles)
+                                   float(lora_dropout), int(dropout_seed or 0), base, tiles,
+                                   USE_TMA if tma is None else bool(tma))
 
 
 class MultiLoRALinear(torch.nn.Module):

@@ -10,7 +10,7 @@ from ckf_dist.kernels import build_win_table
 
 def test_tiny_benchmark_json_feeds_the_win_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    methods = "base linear,torch reference,triton fused,triton separate,triton side"
+    methods = "base linear,torch reference,triton fused,triton separate,triton tma,triton side"
     result = bench.main(["--tiny", "--rounds", "2", "--methods", methods, "--json", str(out)])
     printed = capsys.readouterr().out
     assert "NOT a measurement" in printed and "ceilings: copy" in printed and "% of cuBLAS" in printed
@@ -25,7 +25,7 @@ def test_tiny_benchmark_json_feeds_the_win_table(tmp_path, capsys):
         assert all(0 <= e < 1e-5 for e in row["errors"].values()), (label, row["errors"])
     assert set(by_method["triton side"]["errors"]) == {"y", "delta", "dx", "dshared_a", "dshared_b", "dtask_a",
                                                        "dtask_b"}
-    assert set(data["shapes"][0]["gemm_parity"]) == {"fwd", "bwd"}
+    assert set(data["shapes"][0]["gemm_parity"]) == {"fwd", "bwd", "fwd tma", "bwd tma"}
     table = build_win_table.main([str(out), str(tmp_path / "win_table.py")])
     assert len(table) == 1 and table[0]["side_ms"] == by_method["triton side"]["median_ms"]
     assert table[0]["fused_ms"] == min(by_method["triton fused"]["median_ms"], by_method["triton separate"]["median_ms"])

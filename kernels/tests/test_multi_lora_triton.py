@@ -421,6 +421,104 @@ def test_argument_errors(kt):
 
 
 # --------------------------------------------------------------------------------------------------------
+# TMA descriptor loads of the base GEMM (opt-in: tma=True / CKF_LORA_TMA=1)
+# --------------------------------------------------------------------------------------------------------
+class _GemmLaunchSpy:
+    """Stands in for ``_multi_lora_gemm_kernel`` (the launcher the interpreter and the GPU tests use with
+    autotuning off): records the TMA and W_K_CONTIG constexprs of every GEMM launch, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((kwargs["TMA"], kwargs["W_K_CONTIG"], kwargs["ACCUMULATE"]))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.fixture
+def gemm_spy(monkeypatch):
+    from ckf_dist.kernels import multi_lora_triton as mlt
+
+    if mlt._AUTOTUNE:
+        pytest.skip("the spy wraps the non-autotuned launcher")
+    spy = _GemmLaunchSpy(mlt._multi_lora_gemm_kernel)
+    monkeypatch.setattr(mlt, "_multi_lora_gemm_kernel", spy)
+    return spy
+
+
+# Hidden sizes multiples of 8 (16-byte rows in fp16: TMA-eligible) but not of the interpreter's blocks (16/32),
+# so the descriptor's zero padding covers the K, column and row tails.
+TMA_CASES = {  # name: (counts, d_in, d_out, r, r0, lora_x, fuse_shrink, dropout)
+    "fused": ([9, 14, 6], 40, 56, 5, 3, False, True, 0.0),
+    "separate_dropout": ([0, 21, 0, 7], 24, 40, 3, 2, False, False, 0.25),
+    "lora_x_long_segment": ([70, 3], 24, 40, 4, 0, True, None, 0.0),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("name", list(TMA_CASES))
+def test_tma_loads_match_reference(kt, gemm_spy, name, dtype):
+    """tma=True: both base GEMMs (forward x W^T, W read K-contiguous; backward dY W, W read C-contiguous) load
+    their tiles through tensor descriptors, forward and backward against the float64 reference (outputs
+    poisoned); fused shrink, separate shrink with fused dropout, a separate lora_x over several row chunks."""
+    counts, d_in, d_out, r, r0, lx, fuse, p = TMA_CASES[name]
+    case = kt.Case(counts, d_in, d_out, r, r0, dtype=dtype, device=DEVICE, lora_x=lx)
+    tol = (1e-5 if not HAS_CUDA else 2e-5) if dtype == torch.float32 else 1e-2
+    if p:  # fused dropout: the reference is fed lora_x = x * keep / (1 - p) with the kernels' Philox mask
+        seed = 5
+        keep = _with_dropout_mask(case, p, seed)
+        y, g = kt.run(multi_lora_linear_triton, case, fuse_shrink=fuse, lora_dropout=p, dropout_seed=seed, tma=True)
+
+        def ref(x, *args, lora_x=None, param_grad_rows=None):
+            return multi_lora_linear_reference(x, *args, lora_x=x * keep.to(x.dtype) / (1 - p))
+        y64, g64 = kt.run(ref, case, cast=lambda t: t.double())
+        errs = {"y": kt.rel_err(y, y64)} | {k: kt.rel_err(g[k], g64[k]) for k in g64}
+        assert g.keys() == g64.keys() and all(kt.within(e, tol) for e in errs.values()), errs
+    else:
+        check_against_reference(kt, case, tol=tol, fuse_shrink=fuse, tma=True)
+    assert (True, True, False) in gemm_spy.launches, gemm_spy.launches   # forward x W^T through TMA
+    assert (True, False, False) in gemm_spy.launches, gemm_spy.launches  # backward dY W through TMA
+
+
+def test_tma_with_tile_list_persistent_grid_and_env_default(kt, gemm_spy, monkeypatch):
+    """TMA on a persistent grid walking the batch's tile list (descriptors built once per program); tma=None
+    follows ``USE_TMA`` (env CKF_LORA_TMA=1)."""
+    from ckf_dist.kernels import multi_lora_triton as mlt
+
+    monkeypatch.setattr(mlt, "PERSISTENT_PROGRAMS", 3)
+    monkeypatch.setattr(mlt, "USE_TMA", True)
+    case = kt.Case([0, 19, 0, 0, 7, 0], 32, 24, 4, 2, device=DEVICE)
+    tiles = mlt.build_tile_list(case.seg, case.x.shape[0])
+    check_against_reference(kt, case, tol=1e-5 if not HAS_CUDA else 2e-5, tiles=tiles)
+    assert gemm_spy.launches and all(t for t, _, _ in gemm_spy.launches), gemm_spy.launches
+
+
+def test_tma_falls_back_to_pointer_loads(kt, gemm_spy):
+    """Operands TMA cannot describe keep the pointer loads and stay correct: rows of 37 fp32 (148 bytes, not
+    16-byte aligned), a column-strided x, an x view at a 4-byte offset; the cuBLAS side path never uses it."""
+    from ckf_dist.kernels import multi_lora_triton as mlt
+
+    case = kt.Case([9, 14, 6], 37, 45, 5, 3, device=DEVICE)
+    check_against_reference(kt, case, tol=1e-5 if not HAS_CUDA else 2e-5, fuse_shrink=True, tma=True)
+    assert gemm_spy.launches and not any(t for t, _, _ in gemm_spy.launches), gemm_spy.launches
+    w = torch.randn(24, 40, device=DEVICE)
+    wide = torch.randn(8, 81, device=DEVICE)
+    assert mlt._tma_ok(wide[:, 1:41:1].contiguous(), w, (w.stride(1), w.stride(0))) is True
+    assert mlt._tma_ok(wide[:, :80:2], w, (w.stride(1), w.stride(0))) is None    # column stride 2
+    assert mlt._tma_ok(wide[:, 1:41], w, (w.stride(1), w.stride(0))) is None     # 4-byte offset, 324-byte rows
+    wcm = w.t().contiguous().t()  # column-major W: its transpose is row-major, TMA reads it as [K, C]
+    assert mlt._tma_ok(wide[:, :40].contiguous(), wcm, (wcm.stride(1), wcm.stride(0))) is False
+    ws = torch.randn(24, 80, device=DEVICE)[:, ::2]  # no unit stride
+    assert mlt._tma_ok(wide[:, :40].contiguous(), ws, (ws.stride(1), ws.stride(0))) is None
+    gemm_spy.launches.clear()
+    case = kt.Case([9, 14, 6], 40, 56, 5, 3, device=DEVICE)
+    check_against_reference(kt, case, tol=1e-5 if not HAS_CUDA else 2e-5, base="cublas", tma=True)
+    assert gemm_spy.launches and not any(t for t, _, _ in gemm_spy.launches), gemm_spy.launches
+
+
+# --------------------------------------------------------------------------------------------------------
 # GPU tests
 # --------------------------------------------------------------------------------------------------------
 GPU_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
@@ -552,3 +650,22 @@ def test_autotuned_path_gpu():
     env = dict(os.environ, CKF_LORA_AUTOTUNE="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_tma_benchmark_shape_gpu(kt, gemm_spy, dtype):
+    """tma=True at the first benchmark shape (16384 x 4096 -> 4096, r16, T4) against the float64 reference: the
+    device-side descriptors (scratch from triton.set_allocator) in both GEMM layouts, forward and backward."""
+    from ckf_dist.kernels.multi_lora_triton import triton_base_gemm
+
+    tokens, d_in, d_out, r, T = BENCH_SHAPES[0]
+    counts = [tokens // 2, tokens // 4, 0] + [0] * (T - 4) + [tokens - tokens // 2 - tokens // 4]
+    case = kt.Case(counts, d_in, d_out, r, r, dtype=dtype, device="cuda")
+    check_against_reference(kt, case, tol=GPU_TOL[dtype], tma=True)
+    assert (True, True, False) in gemm_spy.launches and (True, False, False) in gemm_spy.launches
+    for layout, a, want in (("fwd", case.x.detach(), case.x.detach() @ case.weight.t()),
+                            ("bwd", case.dy, case.dy @ case.weight)):
+        kt.close(triton_base_gemm(a, case.weight, layout, tma=True).float(), want.float(), rtol=2e-2, atol=2e-2,
+                 name=f"base GEMM {layout}")
