@@ -236,7 +236,7 @@ def _run(cfg: Config, verbose: bool, out: "console.Console"):
     from ckf_dist.data.validate import check_data_set
     from ckf_dist.heldout import heldout_table
     from ckf_dist.metrics_log import JSONL, TB_DIR, run_folder
-    from ckf_dist.worker import FAULT_KILL_ENV, train_loop_per_worker
+    from ckf_dist.worker import FAULT_KILL_ENV, FAULT_PAUSE_ENV, train_loop_per_worker
 
     t0 = time.time()
     progress = progress_printer(verbose)
@@ -269,7 +269,9 @@ def _run(cfg: Config, verbose: bool, out: "console.Console"):
                            # tells an in-place restart (same launch) from a resume by rerun (worker.py)
                            "launch_id": uuid.uuid4().hex,
                            # fault injection for tests only: rank 1 kills itself once after this step
-                           "fault_kill_at_step": int(os.environ.get(FAULT_KILL_ENV, "0") or 0)},
+                           "fault_kill_at_step": int(os.environ.get(FAULT_KILL_ENV, "0") or 0),
+                           # and rank 0 pauses once after this step's checkpoint ("<step>:<local folder>")
+                           "fault_pause": os.environ.get(FAULT_PAUSE_ENV, "")},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=cfg.checkpoint.run_name, storage_path=storage_path, storage_filesystem=fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),

@@ -323,13 +323,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
             epoch, index, batch = next(batches)
         wait = time.perf_counter() - t_step
         timer.count(lambda: flops.step_counts(batch, engine.module.placeholder_id))
+        t_pickup = time.perf_counter()
         with timer.section("cf_pickup"):
             new = follower.maybe_swap(step, engine.module)
         if new:
             cf_version = new
-            # audit: which step, and checksums of the tables the model really holds now (every rank)
+            # audit: which step, how long the step waited for the swap (the pickup pause: pointer read, load,
+            # agreement, swap), and checksums of the tables the model really holds now (every rank)
             state.setdefault("cf_swaps", []).append({
-                "step": step, "version": new, "user_table_sha256": table_checksum(engine.module.user_table),
+                "step": step, "version": new, "pause_s": round(time.perf_counter() - t_pickup, 4),
+                "user_table_sha256": table_checksum(engine.module.user_table),
                 "item_table_sha256": table_checksum(engine.module.item_table)})
         with timer.section("data_wait"):  # the host -> device copy is part of feeding the step
             batch = to_device(batch, device)
@@ -386,6 +389,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         timer.end_step()
         if step == kill_at and rank == 1:
             _fault_kill_once(cfg, step)
+        if rank == 0 and loop_config.get("fault_pause"):
+            _fault_pause(loop_config["fault_pause"], step)
 
     timer.finish(rank, world, profile_extra, io_join(run_folder(cfg), PROFILE_DIR), cfg.data.s3)
     heldout = {}
@@ -406,6 +411,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         final = {k: v for k, v in metrics.items() if not k.startswith(("before/", "after/"))}
         mlog.log("final", step, _tagged("final", {k: v for k, v in final.items() if k != "lr"}),
                  {"cf_version": cf_version, "stopped_by": final["stopped_by"]})
+        # the metrics upload waits for the storage like a checkpoint upload does (a line per probe)
+        wait_for_storage_or_log(cfg, rank, progress.line if progress is not None else None)
         mlog.close()  # everything at the storage path before the final checkpoint is reported
     _save_and_report(engine, state, metrics, rank, cfg, tokenizer, export_adapter if cfg.checkpoint.export_adapter else None,
                      heldout=heldout, log=progress.line if progress is not None else None)
@@ -468,6 +475,25 @@ def _fault_kill_once(cfg: Config, step: int) -> None:
     # waiting 3 polls lets it register the last checkpoint first, so that the test knows which one is restored.
     time.sleep(6.0)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+FAULT_PAUSE_ENV = "CKF_FAULT_PAUSE_AFTER"  # fault injection for tests only: "<step>:<local folder>"
+
+
+def _fault_pause(spec: str, step: int, timeout_s: float = 300.0) -> None:
+    """Fault injection for tests (``CKF_FAULT_PAUSE_AFTER=<n>:<folder>`` in the driver's environment): after step
+    n (its checkpoint, if any, uploaded) rank 0 writes ``<folder>/paused`` and waits for ``<folder>/go`` (at most
+    ``timeout_s``), so that a test can act between two steps at a known point, e.g. stop the S3 server before the
+    next checkpoint's storage probe rather than in the middle of an upload. Once per folder."""
+    at, _, folder = spec.partition(":")
+    if step != int(at) or os.path.exists(os.path.join(folder, "paused")):
+        return
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "paused"), "w") as f:
+        f.write(str(step))
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(os.path.join(folder, "go")) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def save_rng(folder: str, rank: int) -> None:
@@ -604,6 +630,15 @@ def _fmt(report: dict) -> str:
     return " ".join(parts)
 
 
+def wait_for_storage_or_log(cfg: Config, rank: int, log: Optional[Callable[[str], None]]) -> None:
+    """An S3 outage: wait for the storage (a log line per probe) before an upload, rather than let the upload fail
+    the worker once Arrow's request retries (data.s3.retry_attempts) are spent mid-outage."""
+    from ckf_dist.data.io import wait_for_storage
+
+    say = log or (lambda msg: logging.getLogger("ckf_dist.worker").warning("[rank %d] %s", rank, msg))
+    wait_for_storage(cfg.checkpoint.storage_path, cfg.data.s3, say, cfg.data.s3.outage_wait_s)
+
+
 def _save_and_report(engine, state: dict, metrics: dict, rank: int, cfg: Config, tokenizer, export,
                      heldout: Optional[dict] = None, mlog: Optional[MetricsLog] = None,
                      log: Optional[Callable[[str], None]] = None) -> None:
@@ -613,13 +648,9 @@ def _save_and_report(engine, state: dict, metrics: dict, rank: int, cfg: Config,
     import ray.train
     from ray.train import Checkpoint
 
-    from ckf_dist.data.io import wait_for_storage
     from ckf_dist.resume import write_manifest
 
-    # An S3 outage: wait for the storage here (with a log line per probe) rather than let the upload below fail
-    # the worker once Arrow's request retries (data.s3.retry_attempts) are spent mid-outage.
-    say = log or (lambda msg: logging.getLogger("ckf_dist.worker").warning("[rank %d] %s", rank, msg))
-    wait_for_storage(cfg.checkpoint.storage_path, cfg.data.s3, say, cfg.data.s3.outage_wait_s)
+    wait_for_storage_or_log(cfg, rank, log)
     if mlog is not None:
         mlog.sync()
 

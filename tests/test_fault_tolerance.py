@@ -215,8 +215,8 @@ class _Tee:
         return "".join(self.parts)
 
 
-def test_s3_outage_mid_run_is_ridden_out(moto_server, s3_server, ray_local, monkeypatch):  # noqa: F811
-    """The S3 server stops once the step-2 checkpoint is registered and starts again on the same port once a
+def test_s3_outage_mid_run_is_ridden_out(moto_server, s3_server, ray_local, monkeypatch, tmp_path):  # noqa: F811
+    """The S3 server stops after the step-4 checkpoint is uploaded and starts again on the same port once a
     worker has said it waits for it (at least 3 s later). The run finishes without a worker restart: the
     checkpoint uploads wait for the storage (a log line per probe) and every S3 request in flight is retried by
     Arrow (data.s3.retry_attempts). Every checkpoint left in the run folder is complete (its manifests match its
@@ -232,23 +232,32 @@ def test_s3_outage_mid_run_is_ridden_out(moto_server, s3_server, ray_local, monk
     from ckf_dist.metrics_log import JSONL, run_folder
     from ckf_dist.resume import storage_problem
     from ckf_dist.train import run
+    from ckf_dist.worker import FAULT_PAUSE_ENV
     from tests.test_train_integration import _adapter
 
     steps, opts = 8, {"training.eval_rows": 0, "training.deterministic_data": "true"}
     ref = run(_cfg(s3_server, "nofault-run", steps, **opts))
     assert ref.metrics["restarts"] == 0  # a reference without a worker failure
-    cfg = _cfg(s3_server, "outage-run", steps, **opts, **{"checkpoint.every_steps": 1})
+    cfg = _cfg(s3_server, "outage-run", steps, **opts, **{"checkpoint.every_steps": 4})
     tee = _Tee(sys.stdout)
     monkeypatch.setattr(sys, "stdout", tee)
     outage: dict = {}
+    # Rank 0 pauses after step 4 (its checkpoint uploaded) until the server is down: the outage then starts
+    # before the step-8 checkpoint's storage probe, never in the middle of an upload (where Arrow's retries alone
+    # would ride it out and no probe would ever see it). Ray Data reads and the Train controller's registry writes
+    # that meet the outage are retried by Arrow (data.s3.retry_attempts=10: about 90 s), so the outage is capped
+    # at 45 s even if the probe's line never came.
+    pause = tmp_path / "pause"
+    monkeypatch.setenv(FAULT_PAUSE_ENV, f"4:{pause}")
 
     def outage_when_training():
         deadline = time.time() + 600
-        while time.time() < deadline and _registered_step(cfg) < 2:
-            time.sleep(0.3)
+        while time.time() < deadline and not (pause / "paused").exists():
+            time.sleep(0.05)
         moto_server.stop()
         outage["down"] = time.time()
-        while time.time() < deadline and (time.time() - outage["down"] < 3 or "unreachable" not in tee.text()):
+        (pause / "go").touch()
+        while time.time() - outage["down"] < 45 and (time.time() - outage["down"] < 3 or "unreachable" not in tee.text()):
             time.sleep(0.2)
         moto_server.start()
         outage["up"] = time.time()

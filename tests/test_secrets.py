@@ -11,6 +11,7 @@ import contextlib
 import io as _io
 import json
 import logging
+import pickle
 import os
 import shutil
 import tempfile
@@ -154,7 +155,8 @@ def test_a_short_training_run_writes_and_logs_no_secret(s3_server, monkeypatch, 
     try:
         assert result.metrics["step"] == 2
         fs, root = io.get_filesystem(prefix, cfg.data.s3)
-        assert fs.__reduce__()[1][0]["session_token"] == SESSION_TOKEN  # the run really used the token
+        shipped = pickle.loads(pickle.dumps(fs))  # what Ray ships to the workers (io.RetryingS3FileSystem)
+        assert pafs.S3FileSystem.__reduce__(shipped)[1][0]["session_token"] == SESSION_TOKEN  # the run used it
         objects = [f.path for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
                    if f.type == pafs.FileType.File]
         assert any(p.endswith("adapter/adapter_config.json") for p in objects), objects
