@@ -252,8 +252,10 @@ def test_s3_outage_mid_run_is_ridden_out(moto_server, s3_server, ray_local, monk
 
     def outage_when_training():
         deadline = time.time() + 600
-        while time.time() < deadline and not (pause / "paused").exists():
-            time.sleep(0.05)
+        # paused after step 4 AND the step-4 checkpoint registered: Ray uploads a reported checkpoint in the
+        # background, and registers it once every rank's upload is done, so no upload is in flight from here on
+        while time.time() < deadline and not ((pause / "paused").exists() and _registered_step(cfg) >= 4):
+            time.sleep(0.2)
         moto_server.stop()
         outage["down"] = time.time()
         (pause / "go").touch()
