@@ -14,6 +14,7 @@
 # under the device's limit of 8 coming back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source benchmarks/gpu_lib.sh
 [ $# -ge 1 ] || { sed -n '2,16p' "$0"; exit 2; }
 OUT=$(realpath -m "$1"); MODE=${2:-gpu}
 mkdir -p "$OUT"
@@ -33,15 +34,7 @@ if [ "$MODE" = --cpu ]; then
   TRITON=torch  # the Triton kernels run on CPU only in the interpreter, far too slow for a model
   PEFT=(--tiny)
 else
-  WHEELS=${GT_WHEELS:-.gpu/whl}
-  if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/ckf_site \
-      "$WHEELS"/*.whl || { summary "error: installing $WHEELS failed"; exit 2; }
-    export PYTHONPATH=/tmp/ckf_site:$PWD
-  else
-    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-  fi
-  python3 -c "import ray, deepspeed, omegaconf" 2>/dev/null || { summary "error: ray/deepspeed/omegaconf missing: carry $WHEELS"; exit 2; }
+  use_wheels "${GT_WHEELS:-.gpu/whl}" "ray deepspeed omegaconf"
   COMMON+=(model.tiny.hidden_size=2048 model.tiny.num_layers=16 model.tiny.num_heads=32 model.tiny.num_kv_heads=8
            model.tiny.intermediate_size=8192 training.batch_size=32 ray.use_gpu=true)
   TRITON=triton

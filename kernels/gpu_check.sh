@@ -14,6 +14,7 @@
 # a wheel folder (GC_WHEELS, default .gpu/whl, built by `bash benchmarks/gpu_quality.sh prepare`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source benchmarks/gpu_lib.sh
 [ $# -ge 1 ] || { sed -n '2,16p' "$0"; exit 2; }
 OUT=$1; MODE=${2:-gpu}
 mkdir -p "$OUT"
@@ -29,15 +30,7 @@ if [ "$MODE" = --cpu ]; then
   SELECT=(-m "not gpu" -k "fp16 or fp32 or float16 or float32 or dispatch or tile")
   BENCH=(--tiny); STEP=(--tiny); FP32=(); FIRST="interpreter tests (fp16/fp32)"
 else
-  WHEELS=${GC_WHEELS:-.gpu/whl}
-  if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/ckf_site \
-      "$WHEELS"/*.whl || { summary "error: installing $WHEELS failed"; exit 2; }
-    export PYTHONPATH=/tmp/ckf_site:$PWD
-  else
-    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-  fi
-  python3 -c "import omegaconf" 2>/dev/null || { summary "error: omegaconf missing: carry $WHEELS"; exit 2; }
+  use_wheels "${GC_WHEELS:-.gpu/whl}" "omegaconf"
   SELECT=(-m gpu -k "not float32")
   BENCH=(); STEP=(); FP32=(-m gpu -k "float32"); FIRST="tests bf16+fp16"
 fi
