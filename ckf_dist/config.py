@@ -14,8 +14,9 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-TASKS = ("ctr", "topk", "rating", "explanation", "review_rating")
-# data.tasks default: the four CKF tasks; "review_rating" (review -> rating, the authors' variant) is opt-in.
+TASKS = ("ctr", "topk", "rating", "explanation", "review_rating", "next_item")
+# data.tasks default: the four CKF tasks; "review_rating" (review -> rating, the authors' variant) and
+# "next_item" (top-K by the item-prediction head over the whole catalogue, CLLM4Rec) are opt-in.
 DEFAULT_TASKS = ("ctr", "topk", "rating", "explanation")
 # data.column_map keys for data.source=generic (canonical name -> column name in the file).
 GENERIC_COLUMNS = ("user", "item", "rating", "label", "timestamp", "title", "review",
@@ -131,6 +132,9 @@ class ModelConfig:
     # Create the base model partitioned under DeepSpeed ZeRO-3, each rank reading only its share of the weights
     # (ckf_dist.model.zero_load); auto = on for source=hf under ZeRO-3. true needs ZeRO-3 and an hf safetensors folder.
     zero_init: str = "auto"  # auto | true | false
+    # How CF knowledge enters the prompts: soft_tokens (CKF: meta-network mapping + projectors) | id_tokens (CLLM4Rec:
+    # one trainable token per user and item, initialised from the CF tables through a projector; ckf_dist.model.ckf).
+    fusion: str = "soft_tokens"
 
 
 @dataclass
@@ -336,6 +340,7 @@ def validate(cfg: Config) -> Config:
     _choice("model.attn_implementation", cfg.model.attn_implementation,
             {"sdpa", "eager", "flash_attention_2", "flex_attention"})
     _choice("model.zero_init", cfg.model.zero_init, {"auto", "true", "false"})
+    _choice("model.fusion", cfg.model.fusion, {"soft_tokens", "id_tokens"})
     if cfg.model.zero_init == "true" and (cfg.model.source != "hf" or cfg.deepspeed.zero_stage != 3):
         raise ConfigError(f"model.zero_init=true needs model.source=hf and deepspeed.zero_stage=3 (got "
                           f"{cfg.model.source!r}, {cfg.deepspeed.zero_stage})")

@@ -36,7 +36,15 @@ Metrics (each for the groups ``all``, ``warm`` and ``cold`` = the ``is_cold`` fl
 * review_rating (opt-in task, the authors' review -> rating variant): the rating metrics above.
 * explanation: greedy decoding of at most ``eval.max_new_tokens`` (32) tokens; ``bleu4`` = sacrebleu corpus
   BLEU (0-100), ``rouge_l`` = mean rouge-score ROUGE-L F1 (stemmed, x100).
-* every task of a model: ``loss`` = mean answer-token cross-entropy of the true answer.
+* next_item (opt-in task: top-K by the item-prediction head, ``model.ckf``): the head scores every item of the
+  catalogue from the hidden state at the answer position (the CF-only baseline: u.v of every item); the true
+  item's rank with the row's history items excluded gives ``hr@1/5/10/20``, ``recall@k`` (= hr@k: one held-out
+  item per row), ``ndcg@5/10/20``, ``mrr``; beside it the candidate-list protocol on the same scores: the
+  candidates of the top-K row of the same interaction (``<split>-topk-<n>`` for ``<split>-next_item-<n>``),
+  ``cand_hr@k``, ``cand_ndcg@k``, ``cand_mrr`` over ``candidate_rows`` rows (comparable with the topk task's
+  metrics, which rank the same lists by title log-probability).
+* every task of a model: ``loss`` = mean answer-token cross-entropy of the true answer (next_item: the item
+  head's cross-entropy over the catalogue).
 
 Report (JSON, ``--out`` or ``eval.out``; default ``eval_report.json``)::
 
@@ -71,6 +79,15 @@ single shared LoRA      train with ``lora.task_targets=[] lora.shared_targets=[q
                         (Multi-LoRA layers then hold only the shared adapter).
 no curriculum           train with ``training.curriculum=hybrid_only`` (or ``constant`` for lambda = 0.5,
                         ``two_stage`` for text then hybrid).
+ID tokens (CLLM4Rec)    train with ``model.fusion=id_tokens``: one trainable token per user and item instead of
+                        the meta-network mapping (initialised from the CF tables through a projector).
+item-prediction head    prepare and train with ``next_item`` in ``data.tasks``, evaluate ``eval.tasks=[next_item,
+                        ...]``: full-catalogue HR/NDCG/Recall@K and the candidate-list protocol (see Metrics).
+mutual learning         the CF refresh job with ``cf.mutual=true`` regularises the CF vectors toward the LLM's item
+                        representations exported with the adapter; compare ``--baseline cf-only`` before/after.
+published protocol      ``data.source=generic`` with ``split`` / ``history`` / ``candidates`` / ``cold`` columns
+                        and ``data.ctr_labels=given``: train and evaluate on the published split, rows and labels
+                        (README "Benchmark protocols").
 ======================  ======================================================================================
 
 The training switches are stored in the adapter's config snapshot, so evaluating an ablation needs only its
@@ -106,13 +123,16 @@ EVAL_COLUMNS = ["sample_id", "task_id", "user_id", "is_cold", "history_item_ids"
                 "prompt_text", "prompt_hybrid", "answer"]
 TASK_NAMES = {v: k for k, v in TASK_IDS.items()}
 HEADLINE = {"ctr": ["auc", "uauc", "logloss"], "topk": ["hr@1", "hr@5", "ndcg@5", "ndcg@10"],
-            "rating": ["mae", "rmse"], "explanation": ["bleu4", "rouge_l"], "review_rating": ["mae", "rmse"]}
+            "rating": ["mae", "rmse"], "explanation": ["bleu4", "rouge_l"], "review_rating": ["mae", "rmse"],
+            "next_item": ["hr@10", "ndcg@10", "cand_hr@1", "cand_ndcg@5"]}
 NOTES = {
     "ctr": "p(Yes)=softmax over next-token logits of Yes/No; uauc over users with both classes",
     "topk": "candidates ranked by {score} log-prob of title tokens + eos; random tie-breaking in expectation",
     "rating": "greedy answer, first number in [1,5]; unparsable scored as fallback_rating (train mean) and counted; "
               "expected_* = softmax over '1'..'5'",
     "explanation": "greedy <= max_new_tokens; bleu4 = sacrebleu corpus BLEU (0-100); rouge_l = ROUGE-L F1 x100",
+    "next_item": "item head (or u.v) over the whole catalogue, history items excluded: hr/recall/ndcg@k, mrr; "
+                 "cand_* = the same scores over the top-K row's candidates of the same interaction",
 }
 SECRET_KEYS = ("access_key_id", "secret_access_key")
 
@@ -189,12 +209,41 @@ def _keep_tasks(batch: pa.Table, task_ids: list[int]) -> pa.Table:
     return batch.filter(pc.is_in(batch.column("task_id"), pa.array(task_ids, pa.int8())))
 
 
+def topk_candidates(cfg: Config) -> dict[int, list[int]]:
+    """{interaction number n: the candidate list of top-K row ``<split>-topk-<n>``} of ``eval.split`` (the
+    next_item row ``<split>-next_item-<n>`` is built from the same interaction: ``data.prompts``); {} when the
+    prepared data has no top-K rows."""
+    import pyarrow.compute as pc
+
+    rows = _read(cfg, f"prompts/{cfg.eval.split}", ["sample_id", "task_id", "target_item_ids"])
+    rows = _keep_task(rows, TASK_IDS["topk"])
+    n = pc.cast(pc.replace_substring_regex(rows.column("sample_id"), r"^.*-", ""), pa.int64()).to_pylist()
+    return dict(zip(n, rows.column("target_item_ids").to_pylist()))
+
+
+def attach_candidates(batch: pa.Table, candidates: dict[int, list[int]]) -> pa.Table:
+    """Adds ``candidate_item_ids``: for a next_item row, the candidates of the top-K row of the same interaction
+    (the candidate-list protocol beside the full catalogue); null for other rows or without one."""
+    out = []
+    for sid, task in zip(batch.column("sample_id").to_pylist(), batch.column("task_id").to_pylist()):
+        out.append(candidates.get(int(sid.rsplit("-", 1)[1])) if task == TASK_IDS["next_item"] else None)
+    return batch.append_column("candidate_item_ids", pa.array(out, pa.list_(pa.int64())))
+
+
 def eval_dataset(cfg: Config, tasks: list[str], blocks: int = 8):
-    """Ray Dataset of the raw prompt rows to evaluate: ``eval.split``, the tasks, <= ``eval.max_rows`` each.
+    """Ray Dataset of the raw prompt rows to evaluate: ``eval.split``, the tasks, <= ``eval.max_rows`` each;
+    next_item rows gain their top-K row's candidates (``attach_candidates``).
 
     With ``eval.max_rows`` the split is streamed with pyarrow until every task has its first ``max_rows`` rows
     (file order: deterministic) and handed to Ray Data in ``blocks`` blocks; without it Ray Data reads it all.
     """
+    ds = _eval_rows(cfg, tasks, blocks)
+    if "next_item" in tasks:
+        ds = ds.map_batches(attach_candidates, fn_kwargs={"candidates": topk_candidates(cfg)}, batch_format="pyarrow")
+    return ds
+
+
+def _eval_rows(cfg: Config, tasks: list[str], blocks: int):
     import pyarrow.dataset as pads
     import ray.data
 
@@ -311,6 +360,13 @@ def compute_metrics(table: pa.Table, tasks: list[str], groups: list[str], fallba
                 m["logloss"] = M.log_loss(label[rows], pick("p_yes"))
             elif name == "topk":
                 m.update(M.topk_metrics(pick("topk_scores"), label[rows].astype(int)))
+            elif name == "next_item":
+                m.update(M.catalogue_metrics(tuple(r) for r in pick("catalogue_rank")))
+                with_cands = [i for i in rows if d["candidate_pos"][i] is not None]
+                m["candidate_rows"] = len(with_cands)
+                cand = M.topk_metrics([d["topk_scores"][i] for i in with_cands],
+                                      [d["candidate_pos"][i] for i in with_cands])
+                m.update({f"cand_{k}": v for k, v in cand.items()})
             elif name in ("rating", "review_rating"):
                 expected = pick("score") if has_loss else None
                 m.update(M.rating_metrics(label[rows], pick("generated"), fallback_rating, expected=expected))

@@ -39,6 +39,9 @@ from ckf_dist.eval import metrics as M
 
 FORMS = ("hybrid", "text", "hybrid_cf_permuted")
 TOPK = TASK_IDS["topk"]
+NEXT_ITEM = TASK_IDS["next_item"]
+CATALOGUE_KS = (10,)  # next_item: HR@k / NDCG@k over the whole catalogue
+UNSCORED = (10**9, 0)  # a next_item row whose answer was cut off by data.max_seq_len: counted as a miss, not dropped
 CTR = TASK_IDS["ctr"]
 RATING_TASKS = tuple(TASK_IDS[t] for t in ("rating", "review_rating"))
 PERMUTATION_SEED = 20261127
@@ -75,15 +78,18 @@ def heldout_table(cfg: Config, tokenizer) -> pa.Table:
 
 
 # ---------------------------------------------------------------------------------------------- worker
+def permutation_orders(user_rows: int, item_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row orders [n + 1] for tables of ``user_rows`` / ``item_rows`` rows: rows 0..n-1 permuted by a fixed seed,
+    the fallback row n kept (``CKFModel.cf_permutation``)."""
+    g = torch.Generator().manual_seed(PERMUTATION_SEED)
+    return tuple(torch.cat([torch.randperm(rows - 1, generator=g), torch.tensor([rows - 1])])
+                 for rows in (user_rows, item_rows))
+
+
 def permuted_tables(users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The CF tables [n + 1, d] with rows 0..n-1 permuted by a fixed seed (the fallback row n stays)."""
-    g = torch.Generator().manual_seed(PERMUTATION_SEED)
-    out = []
-    for table in (users, items):
-        n = table.shape[0] - 1
-        order = torch.cat([torch.randperm(n, generator=g), torch.tensor([n])]).to(table.device)
-        out.append(table[order])
-    return out[0], out[1]
+    orders = permutation_orders(users.shape[0], items.shape[0])
+    return users[orders[0].to(users.device)], items[orders[1].to(items.device)]
 
 
 def _expand(rows: dict, idx: np.ndarray) -> tuple[dict, list[tuple[int, int]]]:
@@ -135,10 +141,13 @@ def score_heldout(forward: Callable[[dict, bool], dict], model, rows: dict, toke
     chunks += [chunks[-1]] * (int(count.item()) - real)
     out: dict[str, list] = {"task": [], "label": [], "is_cold": [], "cf": []}
     for f in FORMS:
-        for key in ("loss", "p_yes", "rating", "topk"):
+        for key in ("loss", "p_yes", "rating", "topk", "rank"):
             out[f"{key}/{f}"] = [None] * n
     users, items = model.user_table, model.item_table
-    perm_users, perm_items = permuted_tables(users, items)
+    # the permuted-CF control reorders the rows the model reads (CF tables, or ID tokens with model.fusion=id_tokens)
+    tables = (model.user_tokens, model.item_tokens) if model.fusion == "id_tokens" else (users, items)
+    orders = permutation_orders(*(t.num_embeddings if isinstance(t, torch.nn.Embedding) else t.shape[0]
+                                  for t in tables))
     for c, idx in enumerate(chunks):
         sub, origin = _expand(rows, idx)
         for form in FORMS:
@@ -147,15 +156,20 @@ def score_heldout(forward: Callable[[dict, bool], dict], model, rows: dict, toke
             batch["score_pos"] = scoring.score_positions(batch["task_ids"], ids)
             batch = to_device(batch, device)
             if form == "hybrid_cf_permuted":
-                model.set_cf_tables(perm_users, perm_items)
+                model.cf_permutation = orders
             try:
                 res = forward(batch, hybrid)
             finally:
-                if form == "hybrid_cf_permuted":
-                    model.set_cf_tables(users, items)
+                model.cf_permutation = None
             if c >= real:
                 continue  # a repeat that kept this rank in step with the others
             s = scoring.score_rows(res["answer_logits"], batch, res["row_loss"], ids)
+            if "item_logits" in res:  # next_item rows: the item head's rank of the true item in the catalogue
+                src = batch["sample_index"].cpu().numpy()
+                for j, logits in zip(res["next_item_rows"].cpu().numpy(), res["item_logits"].cpu().numpy()):
+                    i = origin[int(src[j])][0]
+                    out[f"rank/{form}"][i] = M.catalogue_rank_range(logits, int(rows["label"][i]),
+                                                                    rows["history_item_ids"][i])
             for j, src in enumerate(batch["sample_index"].cpu().numpy()):
                 i, cand = origin[int(src)]
                 if rows["task_id"][i] == TOPK:
@@ -171,9 +185,14 @@ def score_heldout(forward: Callable[[dict, bool], dict], model, rows: dict, toke
         if c < real:
             for i in idx:
                 targets = torch.as_tensor(np.asarray(rows["target_item_ids"][i], dtype=np.int64), device=users.device)
-                u = model._lookup(users, torch.full_like(targets, int(rows["user_id"][i])))
-                v = model._lookup(items, targets)
-                out["cf"].append((u.float() * v.float()).sum(-1).cpu().tolist())
+                if rows["task_id"][i] == NEXT_ITEM:  # CF-only: the rank of u.v over the whole catalogue
+                    u = model._lookup(users, torch.tensor([int(rows["user_id"][i])], device=users.device))
+                    dots = (items[:-1].float() @ u[0].float()).cpu().numpy()
+                    out["cf"].append(list(M.catalogue_rank_range(dots, int(rows["label"][i]), rows["history_item_ids"][i])))
+                else:
+                    u = model._lookup(users, torch.full_like(targets, int(rows["user_id"][i])))
+                    v = model._lookup(items, targets)
+                    out["cf"].append((u.float() * v.float()).sum(-1).cpu().tolist())
                 out["task"].append(int(rows["task_id"][i]))
                 out["label"].append(float(rows["label"][i]))
                 out["is_cold"].append(bool(rows["is_cold"][i]))
@@ -199,7 +218,7 @@ def summarize_heldout(parts: list[dict[str, list]], bootstrap: int = BOOTSTRAP_R
     label = np.asarray(cols["label"], dtype=np.float64)
     names = {v: k for k, v in TASK_IDS.items()}
     report: dict = {"rows": {names[t]: int((task == t).sum()) for t in sorted(set(task.tolist()))}, "forms": {}}
-    ctr, topk = np.flatnonzero(task == CTR), np.flatnonzero(task == TOPK)
+    ctr, topk, nxt = np.flatnonzero(task == CTR), np.flatnonzero(task == TOPK), np.flatnonzero(task == NEXT_ITEM)
     for form in FORMS:
         m: dict[str, float] = {}
         for t in sorted(set(task.tolist())):
@@ -218,6 +237,10 @@ def summarize_heldout(parts: list[dict[str, list]], bootstrap: int = BOOTSTRAP_R
             if len(rows):
                 r = M.regression_metrics(label[rows], [cols[f"rating/{form}"][i] for i in rows])
                 m.update({f"{names[t]}/{k}": r[k] for k in ("mae", "rmse")})  # of the expected rating
+        if len(nxt):
+            m.update({f"next_item/{k}": v for k, v in
+                      M.catalogue_metrics([cols[f"rank/{form}"][i] or UNSCORED for i in nxt], ks=CATALOGUE_KS,
+                                          ndcg_ks=CATALOGUE_KS).items()})
         report["forms"][form] = {k: v for k, v in m.items() if v is not None}
     cf_only: dict[str, float] = {}
     if len(ctr):
@@ -225,6 +248,10 @@ def summarize_heldout(parts: list[dict[str, list]], bootstrap: int = BOOTSTRAP_R
     if len(topk):
         cf_only["topk/hr@1"] = M.topk_metrics([cols["cf"][i] for i in topk], label[topk].astype(int), ks=(1,),
                                               ndcg_ks=())["hr@1"]
+    if len(nxt):
+        cf_only.update({f"next_item/{k}": v for k, v in
+                        M.catalogue_metrics([tuple(cols["cf"][i]) for i in nxt], ks=CATALOGUE_KS,
+                                            ndcg_ks=CATALOGUE_KS).items()})
     report["cf_only"] = {k: v for k, v in cf_only.items() if v is not None}
     if len(ctr) and len(set(label[ctr].tolist())) == 2:
         report["fusion"] = fusion_effect(label[ctr], *(np.asarray([cols[f"p_yes/{f}"][i] for i in ctr])

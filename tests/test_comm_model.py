@@ -40,11 +40,11 @@ def test_volumes_match_a_hand_computation():
     mean pooling.
 
     Frozen tensors: embed 80, lm_head 80, norm 8, 2 layer norms 8 + 8, q 64, k 32, v 32, o 64, gate/up/down 128 each.
-    Trainable: k/v shared A 2x8 = 16, B 4x2 = 8 (each); o shared A 16, B 16; q task A 5x2x8 = 80, B 5x8x2 = 80;
-    meta-net 2x3 + 3 + 3x4 + 4 = 25; two projectors 2x8 + 8 = 24 each -> 313 trainable.
-    Persistence threshold 50: partitioned = embed, lm_head, q, o, gate, up, down (672 frozen) + task A, B (160).
-    4 GPUs, bf16: all-gather = 2 (fwd + bwd) x 3/4 x (672 + 160) x 2 B = 2496 B; grad reduce-scatter = 3/4 x 313 x 2
-    = 469.5 B, and as much for the updated trainable partitions' all-gather.
+    Trainable: k/v shared A 2x8 = 16, B 4x2 = 8 (each); o shared A 16, B 16; q task A 6x2x8 = 96, B 6x8x2 = 96 (6 task slots);
+    meta-net 2x3 + 3 + 3x4 + 4 = 25; two projectors 2x8 + 8 = 24 each -> 345 trainable.
+    Persistence threshold 50: partitioned = embed, lm_head, q, o, gate, up, down (672 frozen) + task A, B (192).
+    4 GPUs, bf16: all-gather = 2 (fwd + bwd) x 3/4 x (672 + 192) x 2 B = 2592 B; grad reduce-scatter = 3/4 x 345 x 2
+    = 517.5 B, and as much for the updated trainable partitions' all-gather.
     """
     cfg = load_config(["lora.rank=2", "lora.shared_targets=[k_proj,v_proj,o_proj]", "lora.task_targets=[q_proj]",
                        "cf.dim=2", "cf.meta_hidden=3", "cf.pooling=mean", "cf.projector=linear"])
@@ -52,13 +52,13 @@ def test_volumes_match_a_hand_computation():
     tensors = cm.param_tensors(shape, cfg)
     assert sum(n for _, n, t in tensors if not t) == 80 + 80 + 8 + 16 + 64 + 32 + 32 + 64 + 3 * 128
     v3 = cm.step_volumes(tensors, n_gpus=4, zero_stage=3, persistence_threshold=50, bytes_per_param=2)
-    assert cm.NUM_TASKS == 5
-    assert v3["trainable_params"] == 313 and v3["partitioned_frozen_params"] == 672
-    assert v3["partitioned_trainable_params"] == 160
-    assert v3["param_allgather"] == pytest.approx(2496.0)
-    assert v3["grad_reduce_scatter"] == pytest.approx(469.5) and v3["trainable_allgather"] == pytest.approx(469.5)
+    assert cm.NUM_TASKS == 6
+    assert v3["trainable_params"] == 345 and v3["partitioned_frozen_params"] == 672
+    assert v3["partitioned_trainable_params"] == 192
+    assert v3["param_allgather"] == pytest.approx(2592.0)
+    assert v3["grad_reduce_scatter"] == pytest.approx(517.5) and v3["trainable_allgather"] == pytest.approx(517.5)
     v2 = cm.step_volumes(tensors, n_gpus=4, zero_stage=2, persistence_threshold=50, bytes_per_param=2)
-    assert v2["param_allgather"] == 0 and v2["grad_reduce_scatter"] == pytest.approx(469.5)
+    assert v2["param_allgather"] == 0 and v2["grad_reduce_scatter"] == pytest.approx(517.5)
     assert cm.step_volumes(tensors, 1, 3, 50, 2)["param_allgather"] == 0  # one GPU: nothing moves
 
 

@@ -19,7 +19,7 @@ from ckf_dist.data.prepare import prepare
 from ckf_dist.data.raw import RawData, read_source, review_sentence, sample_users
 from tests.conftest import shared_dataset
 
-ALL_TASKS = "data.tasks=[ctr,topk,rating,explanation,review_rating]"
+ALL_TASKS = "data.tasks=[ctr,topk,rating,explanation,review_rating,next_item]"
 
 
 def _read(root, sub):
@@ -45,9 +45,12 @@ def _check_prompts(root, manifest):
         for r in table.to_pylist():
             tasks_seen.add(r["task"])
             assert r["task_id"] == schema.TASK_IDS[r["task"]]
-            want = schema.expected_placeholders(1 if r["task"] != "topk" else manifest["data_config"]["num_candidates"])
+            targets = {"topk": manifest["data_config"]["num_candidates"], "next_item": 0}.get(r["task"], 1)
+            assert len(r["target_item_ids"]) == targets
+            want = schema.expected_placeholders(targets)
             assert r["prompt_hybrid"].count(schema.PLACEHOLDER) == want and schema.PLACEHOLDER not in r["prompt_text"]
-            pos = r["target_item_ids"][int(r["label"])] if r["task"] == "topk" else r["target_item_ids"][0]
+            pos = {"topk": lambda: r["target_item_ids"][int(r["label"])],
+                   "next_item": lambda: int(r["label"])}.get(r["task"], lambda: r["target_item_ids"][0])()
             if (r["user_id"], pos) in ts:
                 assert all(ts[(r["user_id"], h)] < ts[(r["user_id"], pos)] for h in r["history_item_ids"])
     return tasks_seen
@@ -175,7 +178,7 @@ def test_amazon_missing_reviews_skip_tasks(tmp_path):
     manifest = prepare(_cfg("amazon-reviews", tmp_path / "r.json", tmp_path / "o", ALL_TASKS), progress=_silent)
     assert set(manifest["skipped_tasks"]) == {"explanation", "review_rating"}
     assert "review text" in manifest["skipped_tasks"]["review_rating"]
-    assert set(manifest["tasks"]) == {"ctr", "topk", "rating"}
+    assert set(manifest["tasks"]) == {"ctr", "topk", "rating", "next_item"}
 
 
 # ----------------------------------------------------------------------------------------- RecBole / Games-6k

@@ -17,7 +17,11 @@ rating          The user <cf> rated: h1: 4; h2: 5. How will the user rate t <cf>
 explanation     The user <cf> interacted with: h1; h2. Explain what the user thinks of t <cf>.          sentence
 review_rating   The user <cf> wrote about t <cf>: 'sentence'. What rating did the user give? Answer    "4"
                 1 to 5.
+next_item       The user <cf> interacted with: h1; h2. Which item will the user choose next?          title
 ==============  ====================================================================================  =========
+
+next_item (opt-in) is top-K for the item-prediction head (``CKFModel.item_logits``): no candidates in the
+prompt, no target items, label = the true item's id; the head scores every item at the answer position.
 
 "sentence" is one sentence of the user's review of the target (``raw.review_sentence``: the first with at least
 ``data.review_min_words`` words, cut to ``data.review_max_words``). review_rating rows carry the history ids
@@ -258,6 +262,22 @@ def _rating(data, r, rows, split):
     return _rows_table(data, r, split, "rating", rows, items[:, None], data.rating[rows], hybrid, answers)
 
 
+NEXT_ITEM_QUESTION = " Which item will the user choose next?"
+MAX_EXACT_FLOAT32_ID = 2 ** 24  # labels are float32: item ids up to 2^24 are exact
+
+
+def _next_item(data, r, rows, split):
+    """Candidate-free top-K rows for the item-prediction head: the history, then the question; label = the
+    true item's id, answer = its title (the head scores the whole catalogue at the answer position)."""
+    if data.num_items > MAX_EXACT_FLOAT32_ID:
+        raise ValueError(f"task next_item: {data.num_items} items; its float32 label holds item ids exactly only up "
+                         f"to {MAX_EXACT_FLOAT32_ID}")
+    items = data.item[rows]
+    hybrid = _concat(r.intro.take(pa.array(rows)), NEXT_ITEM_QUESTION)
+    return _rows_table(data, r, split, "next_item", rows, np.empty((rows.size, 0), dtype=np.int64),
+                       items.astype(np.float32), hybrid, r.title(items))
+
+
 def _with_review(data, rows, cfg):
     """(rows that have a review, their review sentences)."""
     rows = rows[pc.is_valid(data.review.take(pa.array(rows))).to_numpy(zero_copy_only=False)]
@@ -333,7 +353,9 @@ def build_prompts(data: Canonical, cfg: DataConfig, has_ratings: bool, has_revie
                 table = _rating(data, renderer, rows, split)
             elif task == "explanation":
                 table = _explanation(data, renderer, rows, split, cfg)
-            else:  # review_rating (TASK_IDS has exactly these five tasks)
+            elif task == "next_item":
+                table = _next_item(data, renderer, rows, split)
+            else:  # review_rating (TASK_IDS has exactly these six tasks)
                 table = _review_rating(data, renderer, rows, split, cfg)
             parts.append(table)
         table = pa.concat_tables(parts) if parts else PROMPTS_SCHEMA.empty_table()

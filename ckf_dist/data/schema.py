@@ -17,8 +17,9 @@ import pyarrow as pa
 PLACEHOLDER = "<cf>"  # a dedicated added special token; the model swaps its embeddings for soft tokens
 MANIFEST = "_manifest.json"
 SPLITS = ("train", "valid", "test")
-# review_rating: the review -> rating variant (opt-in, not in the default data.tasks)
-TASK_IDS = {"ctr": 0, "topk": 1, "rating": 2, "explanation": 3, "review_rating": 4}
+# review_rating: the review -> rating variant; next_item: top-K by the item-prediction head (candidate-free
+# prompts; CLLM4Rec). Both opt-in, not in the default data.tasks.
+TASK_IDS = {"ctr": 0, "topk": 1, "rating": 2, "explanation": 3, "review_rating": 4, "next_item": 5}
 
 USERS_SCHEMA = pa.schema([
     ("user_id", pa.int64()),
@@ -44,14 +45,15 @@ INTERACTIONS_SCHEMA = pa.schema([
 
 PROMPTS_SCHEMA = pa.schema([
     ("sample_id", pa.string()),  # unique, stable: "<split>-<task>-<n>"
-    ("task", pa.string()),  # ctr | topk | rating | explanation | review_rating
+    ("task", pa.string()),  # ctr | topk | rating | explanation | review_rating | next_item
     ("task_id", pa.int8()),  # TASK_IDS[task]
     ("split", pa.string()),
     ("user_id", pa.int64()),
     ("is_cold", pa.bool_()),
     ("history_item_ids", pa.list_(pa.int64())),  # oldest first, only items before the target in time
-    ("target_item_ids", pa.list_(pa.int64())),  # ctr/rating/explanation: [item]; topk: the candidates
-    ("label", pa.float32()),  # ctr: 1/0; topk: positive candidate index; rating, review_rating: 1-5; explanation: -1
+    ("target_item_ids", pa.list_(pa.int64())),  # ctr/rating/explanation: [item]; topk: the candidates; next_item: []
+    # ctr: 1/0; topk: positive candidate index; rating, review_rating: 1-5; explanation: -1; next_item: the item id
+    ("label", pa.float32()),
     ("prompt_text", pa.string()),  # text-only form: titles, no placeholders
     ("prompt_hybrid", pa.string()),  # hybrid form: 1 + len(target_item_ids) placeholders
     ("answer", pa.string()),  # answer text, without end-of-sequence

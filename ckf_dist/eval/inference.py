@@ -37,12 +37,18 @@ OUT_SCHEMA = pa.schema([
     ("topk_scores", pa.list_(pa.float32())),  # topk: one score per candidate, in candidate order
     ("generated", pa.string()),  # rating / explanation: greedy-decoded answer
     ("reference", pa.string()),  # the true answer text
+    # next_item: (g, e) = items scoring above / tying with the true item over the whole catalogue, history items
+    # excluded (eval.metrics.catalogue_rank_range); with the top-K row's candidates, their scores are topk_scores
+    # and the true item's index among them candidate_pos
+    ("catalogue_rank", pa.list_(pa.int64())),
+    ("candidate_pos", pa.int64()),
 ])
 
 RATING_MAX_NEW_TOKENS = 8
 # rating-like tasks (answer "1".."5"): rating, and review_rating (review -> rating) where the schema has it
 RATING_TASK_IDS = tuple(TASK_IDS[t] for t in ("rating", "review_rating") if t in TASK_IDS)
 _GEN_TASKS = RATING_TASK_IDS + (TASK_IDS["explanation"],)
+NEXT_ITEM = TASK_IDS["next_item"]
 
 
 def _base_columns(batch: pa.Table) -> dict:
@@ -158,7 +164,26 @@ class CKFScorer:
             rows = np.flatnonzero(task == t)
             for chunk in _chunks(rows, self.cfg.eval.batch_size):
                 self._generate(tok, chunk, t, cols)
+        rows = np.flatnonzero(task == NEXT_ITEM)
+        for chunk in _chunks(rows, self.cfg.eval.batch_size):
+            self._rank_catalogue(tok, chunk, cols, batch)
         return _to_table(cols)
+
+    @torch.no_grad()
+    def _rank_catalogue(self, tok: dict, rows, cols: dict, batch: pa.Table) -> None:
+        """next_item rows: the item head's scores over the whole catalogue -> the true item's rank range (history
+        excluded) and, where the row carries the top-K row's candidates, their scores."""
+        batch_t, out = self._forward(self._sub(tok, rows))
+        if "item_logits" not in out:
+            raise ValueError("the model returned no item-head scores for next_item rows")
+        src = batch_t["sample_index"].cpu().numpy()
+        logits = out["item_logits"].cpu().numpy()
+        for j, sample in enumerate(out["next_item_rows"].cpu().numpy()):
+            i = int(np.asarray(rows)[src[sample]])
+            cols["catalogue_rank"][i] = list(_catalogue_rank(logits[j], int(cols["label"][i]),
+                                                              tok["history_item_ids"][i]))
+            cols["loss"][i] = float(out["row_loss"][sample])
+            _candidate_scores(cols, batch, i, logits[j])
 
     def _sub(self, tok: dict, rows, answers=None, repeat: int = 1) -> dict:
         idx = np.repeat(np.asarray(rows), repeat)
@@ -252,8 +277,14 @@ class CFScorer:
         n = batch.num_rows
         cols = _base_columns(batch)
         targets = batch.column("target_item_ids").to_pylist()
+        histories = batch.column("history_item_ids").to_pylist() if NEXT_ITEM in cols["task_id"] else None
         for i in range(n):
             t, u = cols["task_id"][i], cols["user_id"][i]
+            if t == NEXT_ITEM:  # u.v of every catalogue item (the fallback row excluded)
+                dots = self.dot([u] * (self.items.shape[0] - 1), np.arange(self.items.shape[0] - 1))
+                cols["catalogue_rank"][i] = list(_catalogue_rank(dots, int(cols["label"][i]), histories[i]))
+                _candidate_scores(cols, batch, i, dots)
+                continue
             s = self.dot([u] * len(targets[i]), targets[i])
             if t == TASK_IDS["ctr"]:
                 a, b = self.ctr_fit
@@ -275,6 +306,28 @@ def cf_dot(user_table: np.ndarray, item_table: np.ndarray, users: np.ndarray, it
     u = np.where((users >= 0) & (users < fu), users, fu)
     v = np.where((items >= 0) & (items < fi), items, fi)
     return np.einsum("nd,nd->n", user_table[u], item_table[v]).astype(np.float64)
+
+
+def _catalogue_rank(scores: np.ndarray, label: int, history) -> tuple[int, int]:
+    from ckf_dist.eval.metrics import catalogue_rank_range
+
+    return catalogue_rank_range(scores, label, [int(h) for h in history])
+
+
+def _candidate_scores(cols: dict, batch: pa.Table, i: int, scores: np.ndarray) -> None:
+    """A next_item row with the top-K row's candidates (``evaluate.attach_candidates``): their catalogue scores
+    (``topk_scores``) and the true item's index among them (``candidate_pos``)."""
+    if "candidate_item_ids" not in batch.column_names:
+        return
+    cands = batch.column("candidate_item_ids")[i].as_py()
+    if not cands:
+        return
+    label = int(cols["label"][i])
+    if label not in cands:
+        raise ValueError(f"sample {cols['sample_id'][i]!r}: its item {label} is not among the top-K row's "
+                         f"candidates {cands}")
+    cols["topk_scores"][i] = [float(scores[c]) if 0 <= c < len(scores) else float("-inf") for c in cands]
+    cols["candidate_pos"][i] = cands.index(label)
 
 
 def _item_titles(cfg) -> dict[int, str]:

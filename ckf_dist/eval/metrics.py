@@ -3,7 +3,7 @@
 CTR: ``auc`` (sklearn, ties count 1/2), ``uauc`` (mean per-user AUC over users with both classes),
 ``log_loss`` (p clipped to [1e-7, 1 - 1e-7]). Top-K: ``topk_metrics`` (HR@k, NDCG@k with one positive per
 row; ties are broken uniformly at random *in expectation*, so a constant scorer gets the chance level, not 0 or
-1). Rating: ``parse_rating`` (the first number of the decoded answer, valid in [1, 5]), ``rating_metrics``
+1); ``catalogue_metrics`` the same over the whole catalogue (the item-prediction head; history items excluded). Rating: ``parse_rating`` (the first number of the decoded answer, valid in [1, 5]), ``rating_metrics``
 (unparsable answers are counted and scored as the fallback, never dropped). Explanation: ``bleu4``
 (sacrebleu corpus BLEU, 0-100) and ``rouge_l`` (rouge-score ROUGE-L F1 averaged over rows, x100).
 """
@@ -69,11 +69,38 @@ def topk_metrics(score_lists: Iterable[Sequence[float]], positives: Iterable[int
                  ks: Sequence[int] = (1, 5, 10), ndcg_ks: Sequence[int] = (5, 10)) -> dict[str, float]:
     """HR@k and NDCG@k (one relevant item: NDCG = 1 / log2(rank + 2) when rank < k), averaged over rows;
     expected values under uniform random tie-breaking. Also ``mrr``. Empty input gives {}."""
+    return rank_range_metrics((positive_rank_range(scores, int(pos)) for scores, pos in zip(score_lists, positives)),
+                              ks, ndcg_ks)
+
+
+def catalogue_rank_range(scores: Sequence[float], label: int, exclude: Iterable[int] = ()) -> tuple[int, int]:
+    """``positive_rank_range`` of item ``label`` among all items by ``scores`` [I] (the item-prediction head's
+    or u.v), with the items in ``exclude`` (the row's history: already interacted with) left out of the ranking
+    (the usual full-ranking protocol)."""
+    s = np.asarray(scores, dtype=np.float64).copy()
+    ex = np.asarray([e for e in exclude if 0 <= e < s.size and e != label], dtype=np.int64)
+    s[ex] = -np.inf
+    sp = s[label]
+    return int((s > sp).sum()), int((s == sp).sum()) - 1
+
+
+def catalogue_metrics(ranges: Iterable[tuple[int, int]], ks: Sequence[int] = (1, 5, 10, 20),
+                      ndcg_ks: Sequence[int] = (5, 10, 20)) -> dict[str, float]:
+    """Full-catalogue HR@k, Recall@k, NDCG@k and MRR from ``catalogue_rank_range`` per row. With one held-out
+    item per row (leave-last-out), Recall@k (relevant items found / relevant items) equals HR@k."""
+    out = rank_range_metrics(ranges, ks, ndcg_ks)
+    out.update({f"recall@{k}": out[f"hr@{k}"] for k in ks if f"hr@{k}" in out})
+    return out
+
+
+def rank_range_metrics(ranges: Iterable[tuple[int, int]], ks: Sequence[int] = (1, 5, 10),
+                       ndcg_ks: Sequence[int] = (5, 10)) -> dict[str, float]:
+    """HR@k, NDCG@k and MRR from (g, e) per row (``positive_rank_range``): the positive's 0-based rank is uniform
+    over g..g+e; values are expectations under that random tie-breaking. Empty input gives {}."""
     hr = {k: [] for k in ks}
     nd = {k: [] for k in ndcg_ks}
     rr = []
-    for scores, pos in zip(score_lists, positives):
-        g, e = positive_rank_range(scores, int(pos))
+    for g, e in ranges:
         ranks = np.arange(g, g + e + 1)
         for k in ks:
             hr[k].append(float(np.mean(ranks < k)))

@@ -5,6 +5,21 @@ LLM's hidden size -> soft tokens written over the ``<cf>`` placeholders with one
 MTM: the LLM's target linears are ``MultiLoRALinear`` layers routed by the batch's task segments.
 Loss: causal-LM cross-entropy on answer tokens, averaged per (form, task), tasks weighted, and the
 curriculum weight ``lam`` mixing text-only and hybrid losses.
+
+Two switches from CKF's neighbours (``ckf_method.md`` section 5, CLLM4Rec):
+
+* ``model.fusion=id_tokens``: instead of the mapping side, one trainable vocabulary token per user and per item
+  (``user_tokens`` [U + 1, hidden], ``item_tokens`` [I + 1, hidden], the last row the fallback for ids the table
+  does not cover), initialised from the CF tables through a linear projector (the soft token each would get
+  without the meta-network) and trained while the base stays frozen. They go where the soft tokens go: the
+  ``<cf>`` slot of the user and of each target item, so prompts, placeholder checks, packing and evaluation are
+  the same. The tokens are addressed by id, not spelled in the tokenizer: a tokenizer holding 100k added
+  strings is slow to load and match, and the placeholder's slot already names the user or item. Under ZeRO-3
+  they are parameters like any other, partitioned across ranks.
+* the ``next_item`` task's item-prediction head: the hidden state at the answer position scored against every
+  item of the catalogue, ``h @ E_items^T`` [I], tied to the item embeddings (the items' soft tokens
+  ``item_proj(E_V)``, or the item ID tokens), trained with the multinomial likelihood (softmax cross-entropy over
+  the catalogue) of the true next item; no candidate list, no decoding, no item that does not exist.
 """
 from __future__ import annotations
 
@@ -19,6 +34,7 @@ from ckf_dist.config import CFConfig, LoRAConfig
 from ckf_dist.model.multi_lora import TaskSegments, inject_multi_lora
 
 IGNORE = -100
+FUSIONS = ("soft_tokens", "id_tokens")
 
 
 class HistoryPooling(nn.Module):
@@ -49,24 +65,36 @@ class CKFModel(nn.Module):
     """
 
     def __init__(self, llm: nn.Module, user_table: torch.Tensor, item_table: torch.Tensor, placeholder_id: int,
-                 num_tasks: int, cf: CFConfig, lora: LoRAConfig):
+                 num_tasks: int, cf: CFConfig, lora: LoRAConfig, fusion: str = "soft_tokens",
+                 next_item_task: Optional[int] = None):
         super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"model.fusion={fusion!r} is not one of {list(FUSIONS)}")
         self.llm = llm
         self.placeholder_id = placeholder_id
         self.num_tasks = num_tasks
         self.dim = cf.dim
         self.identity_mapping = cf.identity_mapping
+        self.fusion = fusion
+        self.next_item_task = next_item_task  # task id whose rows are scored by the item head (None = none)
+        # (user order [U + 1], item order [I + 1]) or None: when set, id i reads row order[i] of every CF table,
+        # ID-token table and the item head (the held-out evaluation's permuted-CF control; fallback row kept).
+        self.cf_permutation: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         hidden = llm.config.hidden_size
         dtype = llm.get_input_embeddings().weight.dtype
         self.register_buffer("user_table", user_table.to(dtype), persistent=False)
         self.register_buffer("item_table", item_table.to(dtype), persistent=False)
-        self.pooling = HistoryPooling(cf.dim, cf.pooling).to(dtype)
-        act = nn.ReLU() if cf.meta_activation == "relu" else nn.Identity()
-        # Meta-network g: d -> meta_hidden -> d*d (the reference used no activation in between).
-        self.meta_net = nn.Sequential(nn.Linear(cf.dim, cf.meta_hidden), act,
-                                      nn.Linear(cf.meta_hidden, cf.dim * cf.dim)).to(dtype)
-        self.user_proj = build_projector(cf.projector, cf.dim, hidden).to(dtype)
-        self.item_proj = build_projector(cf.projector, cf.dim, hidden).to(dtype)
+        if fusion == "soft_tokens":
+            self.pooling = HistoryPooling(cf.dim, cf.pooling).to(dtype)
+            act = nn.ReLU() if cf.meta_activation == "relu" else nn.Identity()
+            # Meta-network g: d -> meta_hidden -> d*d (the reference used no activation in between).
+            self.meta_net = nn.Sequential(nn.Linear(cf.dim, cf.meta_hidden), act,
+                                          nn.Linear(cf.meta_hidden, cf.dim * cf.dim)).to(dtype)
+            self.user_proj = build_projector(cf.projector, cf.dim, hidden).to(dtype)
+            self.item_proj = build_projector(cf.projector, cf.dim, hidden).to(dtype)
+        else:
+            self.user_tokens = id_token_table(user_table, hidden, dtype)
+            self.item_tokens = id_token_table(item_table, hidden, dtype)
         self.segments = TaskSegments()
         self.lora_layers = inject_multi_lora(llm, self.segments, num_tasks, lora.rank, lora.alpha, lora.dropout,
                                              list(lora.shared_targets), list(lora.task_targets), lora.impl)
@@ -83,25 +111,66 @@ class CKFModel(nn.Module):
     @staticmethod
     def _lookup(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Rows of ``table`` for ``ids``; ids outside the table (new users/items) take the fallback last row."""
-        fallback = table.shape[0] - 1
-        safe = torch.where((ids >= 0) & (ids < fallback), ids, torch.full_like(ids, fallback))
-        return table[safe]
+        return table[CKFModel._safe_ids(ids, table.shape[0])]
+
+    @staticmethod
+    def _safe_ids(ids: torch.Tensor, rows: int) -> torch.Tensor:
+        """``ids`` with every id outside 0..rows-2 replaced by the fallback row rows - 1."""
+        fallback = rows - 1
+        return torch.where((ids >= 0) & (ids < fallback), ids, torch.full_like(ids, fallback))
+
+    def _rows(self, kind: str, ids: torch.Tensor, rows: int) -> torch.Tensor:
+        """Row indices for user (``kind`` 0) or item (1) ``ids`` in a table of ``rows`` rows: fallback for ids it
+        does not cover, then the permuted-CF control's order when set."""
+        safe = self._safe_ids(ids, rows)
+        if self.cf_permutation is not None:
+            order = self.cf_permutation[kind]
+            if order.shape[0] != rows:
+                raise ValueError(f"cf_permutation covers {order.shape[0]} rows, the table has {rows}")
+            safe = order.to(safe.device)[safe]
+        return safe
+
+    def _user_cf(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.user_table[self._rows(0, ids, self.user_table.shape[0])]
+
+    def _item_cf(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.item_table[self._rows(1, ids, self.item_table.shape[0])]
 
     # ------------------------------------------------------------------------------------------- KFM
     def soft_tokens(self, user_ids: torch.Tensor, history: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """user_ids [B], history [B, H] (-1 pad), targets [B, K] (-1 pad) -> [B, 1 + K, hidden]:
-        t_u then t_v of each target/candidate item, in order."""
-        e_u = self._lookup(self.user_table, user_ids)  # [B, d]
+        t_u then t_v of each target/candidate item, in order. ``model.fusion=id_tokens``: the user's and the
+        items' ID tokens instead (the history then plays no part)."""
+        if self.fusion == "id_tokens":
+            t_u = self.user_tokens(self._rows(0, user_ids, self.user_tokens.num_embeddings)).unsqueeze(1)
+            t_v = self.item_tokens(self._rows(1, targets, self.item_tokens.num_embeddings))  # [B, K, hidden]
+            return torch.cat([t_u, t_v], dim=1)
+        e_u = self._user_cf(user_ids)  # [B, d]
         hist_mask = history >= 0
-        p_u = self.pooling(self._lookup(self.item_table, history), hist_mask)  # [B, d]
+        p_u = self.pooling(self._item_cf(history), hist_mask)  # [B, d]
         if self.identity_mapping:
             e_user = e_u
         else:
             w_u = self.meta_net(p_u).view(-1, self.dim, self.dim)  # [B, d, d]
             e_user = torch.bmm(e_u.unsqueeze(1), w_u).squeeze(1)  # e'_u = E_U[u] @ W_u
         t_u = self.user_proj(e_user).unsqueeze(1)  # [B, 1, hidden]
-        t_v = self.item_proj(self._lookup(self.item_table, targets))  # [B, K, hidden]
+        t_v = self.item_proj(self._item_cf(targets))  # [B, K, hidden]
         return torch.cat([t_u, t_v], dim=1)
+
+    def item_embeddings(self) -> torch.Tensor:
+        """[I, hidden]: every catalogue item's embedding on the LLM side (the fallback row excluded), the weights
+        of the item-prediction head: the items' soft tokens ``item_proj(E_V)``, or their ID tokens. Called as
+        modules (not read as ``.weight``) so that ZeRO-3 gathers the partitioned parameters."""
+        if self.fusion == "id_tokens":
+            n = self.item_tokens.num_embeddings - 1
+            return self.item_tokens(self._rows(1, torch.arange(n, device=self.item_table.device), n + 1))
+        n = self.item_table.shape[0] - 1
+        return self.item_proj(self._item_cf(torch.arange(n, device=self.item_table.device)))
+
+    def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] (states at answer positions) -> [N, I] fp32 scores of every catalogue item."""
+        weights = self.item_embeddings()
+        return hidden.float() @ weights.float().t()
 
     def embed_with_soft_tokens(self, input_ids: torch.Tensor, n_targets: torch.Tensor, user_ids: torch.Tensor,
                                history: torch.Tensor, targets: torch.Tensor, is_hybrid: torch.Tensor,
@@ -194,18 +263,42 @@ class CKFModel(nn.Module):
         logits = self.llm.get_output_embeddings()(hidden[row, pos])  # [N, V]
         tok_loss = F.cross_entropy(logits.float(), labels[row, pos + 1], reduction="none")  # [N]
         row_loss = tok_loss.new_zeros(n_samples).index_add(0, sample, tok_loss) / n_tok.clamp_min(1)
+        first = torch.cumsum(n_tok, 0) - n_tok  # [S] each sample's first answer entry
+        extra = {}
+        if self.next_item_task is not None and row.numel():
+            row_loss, extra = self._next_item_loss(batch, hidden, row, pos, n_tok, first, row_loss)
         loss = self.combine_losses(row_loss, batch["task_ids"], batch["is_hybrid"], text_weight, task_weights)
         # A row's k-th answer position is entry first + k of the row-major selection; k = batch["score_pos"]
         # (default 0): the answer token where the scored alternatives first differ (scoring.answer_token_ids),
         # e.g. 1 for a sentencepiece digit "4" -> ["▁", "4"].
         if row.numel():
-            first = torch.cumsum(n_tok, 0) - n_tok  # [B] index of each row's first entry
             k = batch.get("score_pos")
             k = torch.zeros_like(n_tok) if k is None else torch.minimum(k.to(n_tok), (n_tok - 1).clamp_min(0))
             answer_logits = logits.detach()[(first + k).clamp_max(row.numel() - 1)] * (n_tok > 0)[:, None]
         else:
             answer_logits = logits.new_zeros(n_samples, logits.shape[-1])
-        return {"loss": loss, "row_loss": row_loss.detach(), "answer_logits": answer_logits}
+        return {"loss": loss, "row_loss": row_loss.detach(), "answer_logits": answer_logits, **extra}
+
+    def _next_item_loss(self, batch: dict, hidden: torch.Tensor, row: torch.Tensor, pos: torch.Tensor,
+                        n_tok: torch.Tensor, first: torch.Tensor, row_loss: torch.Tensor) -> tuple:
+        """The item-prediction head on the ``next_item`` samples: catalogue scores from the hidden state that
+        predicts the first answer token (the last prompt position), softmax cross-entropy against the true item
+        (``batch["label"]``) replacing those samples' token loss. Returns (row_loss [S], {"next_item_rows" [Sn]
+        sample indices, "item_logits" [Sn, I] detached fp32}) ({} without next_item samples)."""
+        is_next = (batch["task_ids"] == self.next_item_task) & (n_tok > 0)
+        if not bool(is_next.any()):
+            return row_loss, {}
+        samples = is_next.nonzero().flatten()  # [Sn]
+        entry = first[samples]
+        scores = self.item_logits(hidden[row[entry], pos[entry]])  # [Sn, I]
+        target = batch["label"][samples].long()
+        bad = (target < 0) | (target >= scores.shape[1])
+        if bool(bad.any()):
+            raise ValueError(f"next_item labels {target[bad][:5].tolist()} outside the catalogue of the item head "
+                             f"(0..{scores.shape[1] - 1}: the CF tables' items)")
+        item_loss = F.cross_entropy(scores, target, reduction="none")  # [Sn]
+        row_loss = row_loss.index_put((samples,), item_loss.to(row_loss.dtype))
+        return row_loss, {"next_item_rows": samples, "item_logits": scores.detach()}
 
     def combine_losses(self, row_loss: torch.Tensor, task_ids: torch.Tensor, is_hybrid: torch.Tensor,
                        text_weight: float, task_weights: Optional[torch.Tensor]) -> torch.Tensor:
@@ -244,6 +337,19 @@ def packed_attention_kwargs(config, position_ids: torch.Tensor) -> dict:
 
     (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(position_ids)
     return {"cu_seq_lens_q": cu_q, "cu_seq_lens_k": cu_k, "max_length_q": int(max_q), "max_length_k": int(max_k)}
+
+
+def id_token_table(cf_table: torch.Tensor, hidden: int, dtype: torch.dtype) -> nn.Embedding:
+    """ID tokens [n + 1, hidden] (last row: the fallback) initialised from the CF table [n + 1, d] through a
+    fresh linear projector: each token starts as the soft token its CF vector would give without the
+    meta-network (same projector family and scale), then learns on its own."""
+    proj = nn.Linear(cf_table.shape[1], hidden)
+    with torch.no_grad():
+        init = proj(cf_table.float())
+    table = nn.Embedding(cf_table.shape[0], hidden).to(dtype)
+    with torch.no_grad():
+        table.weight.copy_(init.to(dtype))
+    return table
 
 
 def build_projector(kind: str, dim: int, hidden: int) -> nn.Module:

@@ -19,6 +19,8 @@ import torch.nn as nn
 
 from ckf_dist.kernels import check_segment_offsets, multi_lora_linear
 
+FIRST_TASK_SLOTS = 5  # ctr, topk, rating, explanation, review_rating: initialised from the global RNG stream
+
 
 @dataclass
 class TaskSegments:
@@ -92,7 +94,7 @@ class MultiLoRALinear(nn.Module):
     """
 
     def __init__(self, base: nn.Linear, segments: TaskSegments, num_tasks: int, rank: int, alpha: float,
-                 dropout: float, shared: bool, per_task: bool, impl: str = "auto"):
+                 dropout: float, shared: bool, per_task: bool, impl: str = "auto", layer_index: int = 0):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight  # frozen, shared storage with the original layer
@@ -107,11 +109,20 @@ class MultiLoRALinear(nn.Module):
         self.shared_b = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=dt)) if shared else None
         self.task_a = nn.Parameter(torch.empty(num_tasks, rank, self.in_features, device=dev, dtype=dt)) if per_task else None
         self.task_b = nn.Parameter(torch.zeros(num_tasks, self.out_features, rank, device=dev, dtype=dt)) if per_task else None
-        for a in (self.shared_a, self.task_a):
-            if a is not None:
-                # Kaiming-uniform like nn.Linear / peft's default for A.
-                bound = 1.0 / math.sqrt(self.in_features)
-                nn.init.uniform_(a, -bound, bound)
+        # Kaiming-uniform like nn.Linear / peft's default for A.
+        bound = 1.0 / math.sqrt(self.in_features)
+        if self.shared_a is not None:
+            nn.init.uniform_(self.shared_a, -bound, bound)
+        if self.task_a is not None:
+            # The first FIRST_TASK_SLOTS task slots draw from the global stream as they always have (runs keep
+            # their initial weights); a slot added later (the next_item task) draws from its own generator seeded
+            # by (seed, layer, slot), so adding a task changes no other slot's or layer's initial values.
+            nn.init.uniform_(self.task_a[:FIRST_TASK_SLOTS], -bound, bound)
+            for t in range(FIRST_TASK_SLOTS, num_tasks):
+                g = torch.Generator().manual_seed(torch.initial_seed() * 1_000_003 + layer_index * 101 + t)
+                with torch.no_grad():
+                    self.task_a[t].copy_(torch.empty_like(self.task_a[t], device="cpu").uniform_(-bound, bound,
+                                                                                                 generator=g))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, L, d_in] (rows sorted by task) -> [B, L, d_out]."""
@@ -149,7 +160,7 @@ def inject_multi_lora(model: nn.Module, segments: TaskSegments, num_tasks: int, 
             if child_name in targets and isinstance(child, nn.Linear):
                 layer = MultiLoRALinear(child, segments, num_tasks, rank, alpha, dropout,
                                         shared=child_name in shared_targets, per_task=child_name in task_targets,
-                                        impl=impl)
+                                        impl=impl, layer_index=len(replaced))
                 setattr(parent, child_name, layer)
                 replaced.append(f"{parent_name}.{child_name}" if parent_name else child_name)
                 seen.add(child_name)
