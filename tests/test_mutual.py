@@ -280,3 +280,21 @@ def test_a_training_runs_bootstrap_refresh_runs_without_the_pull(tiny, tmp_path)
     version = ensure_embeddings(cfg, read_manifest(cfg), progress=lines.append)
     assert "mutual" not in load_version(str(tmp_path / "cf"), version).manifest["metrics"]
     assert any("without cf.mutual" in line for line in lines) and cfg.cf.mutual  # the caller's config untouched
+
+
+def test_find_and_load_from_s3(s3_server, tmp_path):
+    """A run folder on S3: the newest checkpoint export is found and read back through ckf_dist.data.io."""
+    import pyarrow.fs as pafs
+
+    from ckf_dist.data import io
+
+    local = tmp_path / "run"
+    _write_reps(local / "checkpoint_2026-01-01_00-00-00.000000" / "adapter", 6, step=4)
+    _write_reps(local / "checkpoint_2026-01-02_00-00-00.000000" / "adapter", 6, step=8)
+    fs, base = io.get_filesystem("s3://ckf-test/mutual-runs/r2")
+    pafs.copy_files(str(local), base, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    cfg = load_config(["checkpoint.storage_path=s3://ckf-test/mutual-runs", "checkpoint.run_name=r2"])
+    source = find_source(cfg)
+    assert source == "s3://ckf-test/mutual-runs/r2/checkpoint_2026-01-02_00-00-00.000000/adapter"
+    got = load_item_representations(source, 6)
+    assert got.reps.shape == (6, 4) and float(got.reps[0, 0]) == 8.0 and got.source == source
