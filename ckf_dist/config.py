@@ -165,8 +165,9 @@ class CFConfig:
     # CF space by a ridge map refitted every epoch) and record the CF-only metrics before/after.
     mutual: bool = False
     mutual_weight: float = 0.1  # weight of mean ||E[batch rows] - target||^2 (items and users) in the CF loss
-    # Where the representations are: "" = the newest export of checkpoint.storage_path/checkpoint.run_name
-    # (<run>/adapter, then <run>/checkpoint_*/adapter); or an adapter folder or a run folder (local or s3://).
+    # Where the representations are: "" = the export with the highest step among <run>/adapter and
+    # <run>/checkpoint_*/adapter, <run> = checkpoint.storage_path/checkpoint.run_name; or an adapter folder or a
+    # run folder (local or s3://).
     mutual_source: str = ""
     mutual_ridge: float = 1.0  # ridge strength of the map, relative to the mean eigenvalue of R^T R (> 0)
     mutual_batch_size: int = 32  # items per forward pass when the representations are exported
