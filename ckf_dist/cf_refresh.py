@@ -7,9 +7,21 @@ One-shot by default (for cron / RayCronJob). ``--every 6h`` loops: a run starts 
 d suffixes; the next start is measured from the previous start, and a run longer than the interval is
 followed at once by the next). In loop mode a failed run is reported and retried at the next tick; in
 one-shot mode a failure exits non-zero. Exit codes: 0 ok, 1 refresh failed, 2 bad arguments/config.
+
+Mutual learning (``cf.mutual=true``, ``ckf_dist.mutual``; arXiv 2311.03778): a training run with
+``cf.mutual=true`` exports the LLM side's item representations with its adapter (``item_repr.npy``); the refresh
+reads the newest one of ``checkpoint.storage_path/checkpoint.run_name`` (or ``cf.mutual_source``: an adapter or
+run folder, local or s3://), fits a ridge map from them to the current CF item vectors at the start of every
+epoch, and adds ``cf.mutual_weight`` x the squared distance of the batch's item and user vectors to their mapped
+targets to the CF loss. No representations, or ones for another data set: the run fails naming the path (a
+scheduled job retries at its next tick; nothing is published without the pull it was asked for). The published
+version's ``metrics["mutual"]`` holds the source and the CF-only valid metrics (AUC, Recall@20, NDCG@20) of
+the warm-start version before and of the new version after; both are printed. The first version a training run
+bootstraps (``ensure_embeddings``) is trained without the pull: no adapter exists yet.
 """
 from __future__ import annotations
 
+import copy
 import re
 import sys
 import time
@@ -73,14 +85,19 @@ def refresh_once(cfg: Config, progress: Callable[[str], None] = print) -> str:
         if why:
             progress(f"[cf_refresh] no warm start from {previous.version}: {why}; cold start")
             skipped, previous = {"from_version": previous.version, "skipped": why}, None
-    result = train_cf(data, cfg.cf, previous=previous, progress=progress)
+    reps = _mutual_reps(cfg, data, progress) if cfg.cf.mutual else None
+    result = train_cf(data, cfg.cf, previous=previous, progress=progress,
+                      reps=reps.reps if reps is not None else None)
     snapshot = dict(data.snapshot, num_users=data.num_users, num_items=data.num_items,
                     per_split=data.stats["per_split"], malformed=data.stats["malformed"])
     metrics = dict(result.metrics, read_seconds=t_read)
     config = {k: getattr(cfg.cf, k) for k in ("model", "loss", "dim", "epochs", "lr", "batch_size",
-                                              "num_negatives", "reg", "patience", "lightgcn_layers", "seed")}
+                                              "num_negatives", "reg", "patience", "lightgcn_layers", "seed",
+                                              "mutual", "mutual_weight", "mutual_ridge")}
     metrics["config"] = config
     metrics["warm_start"] = result.warm_start or skipped
+    if reps is not None:
+        metrics["mutual"] = _mutual_record(cfg, data, previous, result, reps, progress)
     version = store.publish_version(
         out_root, result.user_table[result.user_ids], result.item_table[result.item_ids],
         user_ids=result.user_ids, item_ids=result.item_ids, model_type=cfg.cf.model, metrics=metrics,
@@ -92,6 +109,48 @@ def refresh_once(cfg: Config, progress: Callable[[str], None] = print) -> str:
     progress(f"[cf_refresh] published {version} to {out_root}: {len(result.user_ids)} users, "
              f"{len(result.item_ids)} items, d={cfg.cf.dim}; {shown}; total {time.perf_counter() - t0:.1f}s")
     return version
+
+
+def _mutual_reps(cfg: Config, data, progress: Callable[[str], None]):
+    """The LLM side's item representations for ``cf.mutual`` (``ckf_dist.mutual``): found, read and checked
+    against this data set before any training, so a missing or mismatched source fails the run at once (a
+    FileNotFoundError / ValueError naming the path) instead of publishing a version without the pull."""
+    from ckf_dist.mutual import find_source, load_item_representations
+
+    source = find_source(cfg)
+    reps = load_item_representations(source, data.num_items, s3=cfg.data.s3,
+                                     data_manifest_sha256=data.binding.get("data_manifest_sha256"))
+    progress(f"[cf_refresh] mutual: item representations {list(reps.reps.shape)} from {source} (step "
+             f"{reps.meta.get('step')}, CF version {reps.meta.get('cf_version')}), weight {cfg.cf.mutual_weight}")
+    return reps
+
+
+def _mutual_record(cfg: Config, data, previous, result, reps, progress: Callable[[str], None]) -> dict:
+    """``metrics["mutual"]``: the source and the CF-only metrics (``evaluate_tables`` on the valid split, the
+    same evaluation material for both) of the warm-start version before this refresh and of the new tables."""
+    from ckf_dist.cf.trainer import evaluate_tables, version_tables
+
+    keys = ("auc", "recall@20", "ndcg@20")
+    kw = dict(max_users=cfg.cf.eval_max_users, seed=cfg.cf.seed)
+    before = None
+    if previous is not None:
+        users, items = version_tables(previous, data)
+        before = {k: v for k, v in evaluate_tables(users, items, data, "valid", **kw).items() if k in keys}
+        before["version"] = previous.version
+    after = {k: v for k, v in evaluate_tables(result.user_table, result.item_table, data, "valid", **kw).items()
+             if k in keys}
+    last = result.history[-1] if result.history else {}
+    record = {"source": reps.source, "weight": cfg.cf.mutual_weight, "ridge": cfg.cf.mutual_ridge,
+              "refit": "every epoch", "items": int(reps.reps.shape[0]), "hidden": int(reps.reps.shape[1]),
+              "source_step": reps.meta.get("step"), "source_cf_version": reps.meta.get("cf_version"),
+              "last_epoch_mutual_loss": last.get("mutual_loss"), "split": "valid",
+              "before": before, "after": after}
+
+    def fmt(m):
+        return "n/a (cold start)" if not m else ", ".join(f"{k}={m[k]:.4f}" for k in keys if k in m)
+    progress(f"[cf_refresh] mutual: CF-only valid metrics before ({previous.version if previous else '-'}): "
+             f"{fmt(before)}; after: {fmt(after)}")
+    return record
 
 
 def ensure_embeddings(cfg: Config, data_manifest: dict, progress: Callable[[str], None] = print) -> str:
@@ -117,6 +176,10 @@ def ensure_embeddings(cfg: Config, data_manifest: dict, progress: Callable[[str]
             progress(f"CF embeddings: {version} (trained on this data set)")
             return version
         progress(f"CF embedding version {version} under {root}: {problem}: refreshing")
+    if cfg.cf.mutual:  # the LLM side trains on this first version: there are no representations to pull to yet
+        progress("this refresh runs without cf.mutual: the training run it starts is what exports the representations")
+        cfg = copy.deepcopy(cfg)
+        cfg.cf.mutual = False
     version = refresh_once(cfg, progress=progress)
     check_version_for_data(store.load_version(root, version, s3=s3), data_manifest, root=root,
                            data_path=resolve_data_path(cfg))

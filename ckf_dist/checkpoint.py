@@ -7,6 +7,7 @@ and rank 0 writes them with safetensors, beside the tokenizer and a JSON descrip
     <dir>/adapter.safetensors   trainable tensors by qualified name (Multi-LoRA A/B, meta-net, projectors)
     <dir>/adapter_config.json   config snapshot, step, CF embedding version, tensor list
     <dir>/tokenizer/            the tokenizer (with the <cf> token) the adapter was trained with
+    <dir>/item_repr.npy, .json  with cf.mutual: the LLM side's item representations (ckf_dist.mutual)
 """
 from __future__ import annotations
 
@@ -41,7 +42,13 @@ def gather_trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def export_adapter(model: torch.nn.Module, out_dir: str, cfg: Config, tokenizer, state: dict, write: bool) -> None:
+    """Collective: every rank calls it (ZeRO-3 gathers); rank 0 passes ``write``. With ``cf.mutual`` every rank
+    also runs its share of the item-representation forward passes (``mutual.export_item_representations``)."""
     tensors = gather_trainable_state(model)
+    if cfg.cf.mutual:
+        from ckf_dist.mutual import export_item_representations
+
+        export_item_representations(model, out_dir, cfg, tokenizer, state, write)
     if not write:
         return
     os.makedirs(out_dir, exist_ok=True)

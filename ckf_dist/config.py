@@ -164,6 +164,17 @@ class CFConfig:
     reader: str = "ray"  # ray (Ray Data) | arrow (pyarrow directly, no Ray; for tests/small sets)
     warm_start: bool = True  # initialise overlapping ids from the latest published version
     seed: int = 0
+    # Mutual learning (arXiv 2311.03778; ckf_dist.mutual). Training: export_adapter also writes the LLM side's
+    # item representations (item_repr.npy). Refresh: pull the CF item/user vectors toward them (mapped into the
+    # CF space by a ridge map refitted every epoch) and record the CF-only metrics before/after.
+    mutual: bool = False
+    mutual_weight: float = 0.1  # weight of mean ||E[batch rows] - target||^2 (items and users) in the CF loss
+    # Where the representations are: "" = the export with the highest step among <run>/adapter and
+    # <run>/checkpoint_*/adapter, <run> = checkpoint.storage_path/checkpoint.run_name; or an adapter folder or a
+    # run folder (local or s3://).
+    mutual_source: str = ""
+    mutual_ridge: float = 1.0  # ridge strength of the map, relative to the mean eigenvalue of R^T R (> 0)
+    mutual_batch_size: int = 32  # items per forward pass when the representations are exported
 
 
 @dataclass
@@ -364,6 +375,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("cf.lightgcn_layers must be >= 0")
     if cfg.cf.lr <= 0 or cfg.cf.reg < 0:
         raise ConfigError(f"cf.lr={cfg.cf.lr} must be > 0 and cf.reg={cfg.cf.reg} >= 0")
+    if cfg.cf.mutual_weight < 0 or cfg.cf.mutual_ridge <= 0:
+        raise ConfigError(f"cf.mutual_weight={cfg.cf.mutual_weight} must be >= 0 and cf.mutual_ridge="
+                          f"{cfg.cf.mutual_ridge} > 0")
+    if cfg.cf.mutual_batch_size < 1:
+        raise ConfigError(f"cf.mutual_batch_size={cfg.cf.mutual_batch_size} must be >= 1")
     if not 1 <= cfg.lora.rank <= 64:
         raise ConfigError(f"lora.rank={cfg.lora.rank} must be in 1..64")
     if not 0.0 <= cfg.lora.dropout < 1.0:

@@ -59,6 +59,19 @@ def test_learns_planted_structure(planted, model, loss):
     assert res.metrics["epochs_run"] <= 40 and 1 <= res.metrics["best_epoch"] <= res.metrics["epochs_run"]
 
 
+@pytest.mark.parametrize("model", ["mf", "lightgcn"])
+def test_the_returned_tables_are_the_best_epochs(planted, model):
+    """Early stopping returns the best epoch's tables, not the last ones (MF's embeddings() are its parameters:
+    a snapshot that shared their storage silently became the last epoch's tables)."""
+    cfg = CFConfig(model=model, epochs=12, patience=3, lr=0.2, batch_size=512, dim=8)
+    res = train_cf(planted, cfg, progress=QUIET)
+    assert res.metrics["best_epoch"] < res.metrics["epochs_run"]  # the case under test: later epochs ran
+    again = evaluate_tables(res.user_table, res.item_table, planted, "valid", max_users=cfg.eval_max_users,
+                            seed=cfg.seed)
+    assert again["auc"] == pytest.approx(res.metrics["auc"], abs=1e-12)
+    assert again["recall@20"] == pytest.approx(res.metrics["recall@20"], abs=1e-12)
+
+
 def test_rating_mf_beats_global_mean(tmp_path):
     write_planted(str(tmp_path), num_users=200, num_items=150, per_user=60, seed=2)
     data = read_interactions(str(tmp_path), engine="arrow", progress=QUIET)

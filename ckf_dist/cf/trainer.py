@@ -5,14 +5,15 @@ All data lives in memory as torch tensors (the CF tables are small: d = 8 by def
 shuffled mini-batch of positive (user, item) pairs, samples ``num_negatives`` items per positive uniformly
 among the items the user has no training interaction with (rejection sampling against a sorted key array,
 vectorised), and minimises BPR, pointwise BCE, or (rating MF) squared error, plus L2 on the batch's
-layer-0 embeddings.
+layer-0 embeddings, plus (``cf.mutual``, ``reps`` given) the mutual-learning pull of the batch's final user and
+item vectors toward the LLM side's mapped representations (``ckf_dist.mutual``; targets refitted every epoch).
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from ckf_dist.cf.lightgcn import LightGCN, normalized_adjacency
 from ckf_dist.cf.mf import MF
 from ckf_dist.cf.reader import Interactions
 from ckf_dist.config import CFConfig
+from ckf_dist.mutual import mutual_loss, mutual_targets
 
 
 @dataclass
@@ -156,6 +158,24 @@ def match_raw_ids(previous_raw: np.ndarray, current_raw: np.ndarray) -> tuple[np
     return rows.astype(np.int64), ids.astype(np.int64)
 
 
+def version_tables(version, data: Interactions) -> tuple[np.ndarray, np.ndarray]:
+    """A published version's tables laid out by this data set's ids ([num_users, d], [num_items, d] float32),
+    rows mapped by raw id (as a warm start maps them); ids the version lacks get zero rows (score 0). A version
+    or data set without raw ids is taken as laid out by data-set id already."""
+    users = np.zeros((data.num_users, version.dim), np.float32)
+    items = np.zeros((data.num_items, version.dim), np.float32)
+    for out, table, prev_raw, cur_raw, ids in (
+            (users, version.user_table, version.user_raw_ids, data.user_raw_ids, version.user_ids),
+            (items, version.item_table, version.item_raw_ids, data.item_raw_ids, version.item_ids)):
+        if prev_raw is not None and cur_raw is not None:
+            rows, dest = match_raw_ids(prev_raw, cur_raw)
+        else:
+            keep = np.asarray(ids) < len(out)
+            rows, dest = np.flatnonzero(keep), np.asarray(ids)[keep]
+        out[dest] = table[rows]
+    return users, items
+
+
 def _warm_start(model: MF, cfg: CFConfig, data: Interactions, previous, progress
                 ) -> tuple[dict, np.ndarray, np.ndarray]:
     """Copies the previous version's row of every user/item whose **raw id** is in this data set (never by
@@ -188,11 +208,14 @@ def _warm_start(model: MF, cfg: CFConfig, data: Interactions, previous, progress
 
 
 def train_cf(data: Interactions, cfg: CFConfig, *, previous=None, eval_split: str = "valid",
-             progress: Callable[[str], None] = print) -> TrainResult:
+             progress: Callable[[str], None] = print, reps: Optional[np.ndarray] = None) -> TrainResult:
     """Fits ``cfg.model`` on the train split of ``data``; early-stops on ``eval_split``.
 
     previous: an ``EmbeddingVersion`` to warm-start from (or None): rows are copied by raw id (the version's
     ``*_raw_ids`` against ``data.*_raw_ids``); a version without raw ids gives a cold start.
+    reps: the LLM side's item representations [num_items, hidden] (``mutual.load_item_representations``) or
+    None; given, each epoch refits the ridge map on the current item table and adds
+    ``cfg.mutual_weight * mutual.mutual_loss`` for the batch's positive pairs.
     Returns the tables of the best evaluation (or of the last epoch when the split is empty).
     """
     t0 = time.perf_counter()
@@ -226,11 +249,21 @@ def train_cf(data: Interactions, cfg: CFConfig, *, previous=None, eval_split: st
              f"early stop on {eval_split} {metric} (patience {cfg.patience})")
     best, best_epoch, best_tables, bad_evals = None, 0, None, 0
     history = []
+    if reps is not None:
+        if reps.shape[0] != data.num_items:
+            raise ValueError(f"item representations have {reps.shape[0]} rows, the data set {data.num_items} items")
+        reps_t = torch.from_numpy(np.ascontiguousarray(reps, dtype=np.float32))
+        fit_items = torch.from_numpy(np.union1d(np.unique(ti), warm_items).astype(np.int64))
     for epoch in range(1, cfg.epochs + 1):
         te = time.perf_counter()
+        if reps is not None:  # alternate: refit the map on where the CF space is now, then train toward it
+            with torch.no_grad():
+                cur_items = model.embeddings()[1].detach()
+                t_items, t_users = mutual_targets(reps_t, cur_items, fit_items, U, I, data.num_users,
+                                                  cfg.mutual_ridge)
         model.train()
         perm = torch.randperm(n, generator=gen)
-        total = 0.0
+        total, total_pull = 0.0, 0.0
         for s in range(steps_per_epoch):
             idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
             u, i = U[idx], I[idx]
@@ -250,15 +283,23 @@ def train_cf(data: Interactions, cfg: CFConfig, *, previous=None, eval_split: st
                             + F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg)))
                 reg = reg + ego_i[j].pow(2).sum() / cfg.num_negatives
             loss_total = loss + cfg.reg * reg / len(idx)
+            if reps is not None:
+                pull = mutual_loss(tables[0][u], tables[1][i], t_users[u], t_items[i])
+                loss_total = loss_total + cfg.mutual_weight * pull
+                total_pull += float(pull.detach()) * len(idx)
             opt.zero_grad(set_to_none=True)
             loss_total.backward()
             opt.step()
             total += float(loss.detach()) * len(idx)
         model.eval()
         with torch.no_grad():
-            tables = tuple(t.detach() for t in model.embeddings())
+            # clone: MF's embeddings() are the parameters themselves, which later epochs keep updating in place
+            # (a bare detach() shares their storage, and the "best" tables would silently be the last ones)
+            tables = tuple(t.detach().clone() for t in model.embeddings())
             ev = evaluator(model, tables)
         row = {"epoch": epoch, "loss": total / n, "seconds": time.perf_counter() - te, **ev}
+        if reps is not None:
+            row["mutual_loss"] = total_pull / n  # before weighting; mean over the epoch's batches
         history.append(row)
         shown = " ".join(f"{k} {v:.4f}" for k, v in ev.items())
         progress(f"[cf] epoch {epoch}/{cfg.epochs} loss {row['loss']:.4f} {shown} ({row['seconds']:.2f}s)")
