@@ -98,7 +98,9 @@ def build_ckf_model(cfg: Config, tokenizer, user_table: torch.Tensor, item_table
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     torch.manual_seed(cfg.model.seed + 1)  # same adapter/mapping init on every rank
     return CKFModel(llm, user_table, item_table, tokenizer.convert_tokens_to_ids(PLACEHOLDER), len(TASK_IDS),
-                    cfg.cf, cfg.lora, fusion=cfg.model.fusion, next_item_task=TASK_IDS["next_item"])
+                    cfg.cf, cfg.lora, fusion=cfg.model.fusion,
+                    # the item head runs on every forward pass when on (ZeRO-3 keeps ranks in step): only with the task
+                    next_item_task=TASK_IDS["next_item"] if "next_item" in cfg.data.tasks else None)
 
 
 def lr_lambda(warmup_steps: int, total_steps: int):

@@ -160,6 +160,26 @@ def test_item_head_trains_the_item_embeddings_and_rejects_labels_outside_the_cat
         model(b)
 
 
+@pytest.mark.parametrize("fusion", ["soft_tokens", "id_tokens"])
+def test_item_head_runs_and_gets_a_gradient_without_next_item_rows(tokenizer, fusion):
+    """Under ZeRO-3 every rank must call the same modules and reduce the same gradients whatever its batch holds:
+    a batch without next_item rows still computes the head's weights and back-propagates (zeros) into them."""
+    model = _model(tokenizer, fusion=fusion).train()
+    calls = []
+    head = model.item_tokens if fusion == "id_tokens" else model.item_proj
+    head.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    b = _batch(tokenizer, tasks=[0, 0], hybrid=[False, False], labels=[1, 0])
+    out = model(b)
+    assert "item_logits" not in out and calls and calls[-1][0] == 11  # the whole catalogue, once
+    out["loss"].backward()
+    grad = head.weight.grad
+    assert grad is not None and torch.count_nonzero(grad) == 0
+    torch.manual_seed(0)
+    with torch.no_grad():  # evaluation: the same weights, no anchor needed
+        model(b)
+    assert calls[-1][0] == 11
+
+
 def test_a_sixth_task_slot_leaves_the_first_five_slots_initial_values_unchanged():
     base = torch.nn.Linear(16, 8)
     inits = []

@@ -175,7 +175,8 @@ class CKFScorer:
         excluded) and, where the row carries the top-K row's candidates, their scores."""
         batch_t, out = self._forward(self._sub(tok, rows))
         if "item_logits" not in out:
-            raise ValueError("the model returned no item-head scores for next_item rows")
+            raise ValueError("next_item rows need a model trained with the next_item task (its item head is on only "
+                             f"with next_item in data.tasks; the adapter's data.tasks: {list(self.cfg.data.tasks)})")
         src = batch_t["sample_index"].cpu().numpy()
         logits = out["item_logits"].cpu().numpy()
         for j, sample in enumerate(out["next_item_rows"].cpu().numpy()):

@@ -264,10 +264,12 @@ class CKFModel(nn.Module):
         tok_loss = F.cross_entropy(logits.float(), labels[row, pos + 1], reduction="none")  # [N]
         row_loss = tok_loss.new_zeros(n_samples).index_add(0, sample, tok_loss) / n_tok.clamp_min(1)
         first = torch.cumsum(n_tok, 0) - n_tok  # [S] each sample's first answer entry
-        extra = {}
-        if self.next_item_task is not None and row.numel():
-            row_loss, extra = self._next_item_loss(batch, hidden, row, pos, n_tok, first, row_loss)
+        extra, head_anchor = {}, None
+        if self.next_item_task is not None:
+            row_loss, extra, head_anchor = self._next_item_loss(batch, hidden, row, pos, n_tok, first, row_loss)
         loss = self.combine_losses(row_loss, batch["task_ids"], batch["is_hybrid"], text_weight, task_weights)
+        if head_anchor is not None:
+            loss = loss + head_anchor
         # A row's k-th answer position is entry first + k of the row-major selection; k = batch["score_pos"]
         # (default 0): the answer token where the scored alternatives first differ (scoring.answer_token_ids),
         # e.g. 1 for a sentencepiece digit "4" -> ["▁", "4"].
@@ -284,13 +286,21 @@ class CKFModel(nn.Module):
         """The item-prediction head on the ``next_item`` samples: catalogue scores from the hidden state that
         predicts the first answer token (the last prompt position), softmax cross-entropy against the true item
         (``batch["label"]``) replacing those samples' token loss. Returns (row_loss [S], {"next_item_rows" [Sn]
-        sample indices, "item_logits" [Sn, I] detached fp32}) ({} without next_item samples)."""
+        sample indices, "item_logits" [Sn, I] detached fp32} ({} without next_item samples), anchor).
+
+        The head's weights are computed on every forward pass, with or without next_item samples, and ``anchor``
+        (0 x their sum, added to the loss) gives every backward pass a gradient path into them: under ZeRO-3 each
+        module call gathers parameters collectively and each gradient is reduce-scattered, so all ranks must call
+        the same modules and produce the same gradients whatever rows their batch holds (a rank without
+        next_item rows skipping the head deadlocked or aborted the other rank's gathers)."""
+        weights = self.item_embeddings()  # [I, hidden]
+        anchor = 0.0 * weights.float().sum() if torch.is_grad_enabled() else None
         is_next = (batch["task_ids"] == self.next_item_task) & (n_tok > 0)
         if not bool(is_next.any()):
-            return row_loss, {}
+            return row_loss, {}, anchor
         samples = is_next.nonzero().flatten()  # [Sn]
         entry = first[samples]
-        scores = self.item_logits(hidden[row[entry], pos[entry]])  # [Sn, I]
+        scores = hidden[row[entry], pos[entry]].float() @ weights.float().t()  # [Sn, I]
         target = batch["label"][samples].long()
         bad = (target < 0) | (target >= scores.shape[1])
         if bool(bad.any()):
@@ -298,7 +308,7 @@ class CKFModel(nn.Module):
                              f"(0..{scores.shape[1] - 1}: the CF tables' items)")
         item_loss = F.cross_entropy(scores, target, reduction="none")  # [Sn]
         row_loss = row_loss.index_put((samples,), item_loss.to(row_loss.dtype))
-        return row_loss, {"next_item_rows": samples, "item_logits": scores.detach()}
+        return row_loss, {"next_item_rows": samples, "item_logits": scores.detach()}, anchor
 
     def combine_losses(self, row_loss: torch.Tensor, task_ids: torch.Tensor, is_hybrid: torch.Tensor,
                        text_weight: float, task_weights: Optional[torch.Tensor]) -> torch.Tensor:
