@@ -361,7 +361,7 @@ def compute_metrics(table: pa.Table, tasks: list[str], groups: list[str], fallba
             elif name == "topk":
                 m.update(M.topk_metrics(pick("topk_scores"), label[rows].astype(int)))
             elif name == "next_item":
-                m.update(M.catalogue_metrics(tuple(r) for r in pick("catalogue_rank")))
+                m.update(M.catalogue_metrics(pick("catalogue_rank")))
                 with_cands = [i for i in rows if d["candidate_pos"][i] is not None]
                 m["candidate_rows"] = len(with_cands)
                 cand = M.topk_metrics([d["topk_scores"][i] for i in with_cands],

@@ -41,7 +41,6 @@ FORMS = ("hybrid", "text", "hybrid_cf_permuted")
 TOPK = TASK_IDS["topk"]
 NEXT_ITEM = TASK_IDS["next_item"]
 CATALOGUE_KS = (10,)  # next_item: HR@k / NDCG@k over the whole catalogue
-UNSCORED = (10**9, 0)  # a next_item row whose answer was cut off by data.max_seq_len: counted as a miss, not dropped
 CTR = TASK_IDS["ctr"]
 RATING_TASKS = tuple(TASK_IDS[t] for t in ("rating", "review_rating"))
 PERMUTATION_SEED = 20261127
@@ -239,7 +238,7 @@ def summarize_heldout(parts: list[dict[str, list]], bootstrap: int = BOOTSTRAP_R
                 m.update({f"{names[t]}/{k}": r[k] for k in ("mae", "rmse")})  # of the expected rating
         if len(nxt):
             m.update({f"next_item/{k}": v for k, v in
-                      M.catalogue_metrics([cols[f"rank/{form}"][i] or UNSCORED for i in nxt], ks=CATALOGUE_KS,
+                      M.catalogue_metrics([cols[f"rank/{form}"][i] for i in nxt], ks=CATALOGUE_KS,
                                           ndcg_ks=CATALOGUE_KS).items()})
         report["forms"][form] = {k: v for k, v in m.items() if v is not None}
     cf_only: dict[str, float] = {}
@@ -250,7 +249,7 @@ def summarize_heldout(parts: list[dict[str, list]], bootstrap: int = BOOTSTRAP_R
                                               ndcg_ks=())["hr@1"]
     if len(nxt):
         cf_only.update({f"next_item/{k}": v for k, v in
-                        M.catalogue_metrics([tuple(cols["cf"][i]) for i in nxt], ks=CATALOGUE_KS,
+                        M.catalogue_metrics([cols["cf"][i] for i in nxt], ks=CATALOGUE_KS,
                                             ndcg_ks=CATALOGUE_KS).items()})
     report["cf_only"] = {k: v for k, v in cf_only.items() if v is not None}
     if len(ctr) and len(set(label[ctr].tolist())) == 2:

@@ -88,6 +88,8 @@ def test_id_tokens_go_where_the_soft_tokens_go_with_the_fallback_row_for_unknown
     assert torch.equal(out[1, 1], u[7]) and torch.equal(out[1, 4], v[1])
     words = model.llm.get_input_embeddings()(ids)
     assert torch.equal(out[0, 2], words[0, 2])
+    # negative ids (padding) and ids past the table, the fallback row 7 itself included, all read the fallback
+    assert model._rows(0, torch.tensor([-3, -1, 0, 6, 7, 99]), 8).tolist() == [7, 7, 0, 6, 7, 7]
 
 
 def test_id_token_gradients_reach_only_the_tokens_in_the_batch(tokenizer):
@@ -206,6 +208,9 @@ def test_catalogue_rank_range_excludes_history_and_counts_ties():
     assert m["hr@5"] == pytest.approx(1.0) and m["recall@5"] == m["hr@5"]
     want_ndcg = (1.0 + 1 / np.log2(6) + (1 / np.log2(3) + 1 / np.log2(4)) / 2) / 3
     assert m["ndcg@5"] == pytest.approx(want_ndcg)
+    # a row the head could not score (answer cut off by data.max_seq_len) is a miss, not dropped
+    assert M.catalogue_metrics([(0, 0), None], ks=(1,), ndcg_ks=()) == {"hr@1": 0.5, "mrr": pytest.approx(0.5),
+                                                                       "recall@1": 0.5}
 
 
 # -------------------------------------------------------------------------------------------------- data

@@ -20,7 +20,7 @@ review_rating   The user <cf> wrote about t <cf>: 'sentence'. What rating did th
 next_item       The user <cf> interacted with: h1; h2. Which item will the user choose next?          title
 ==============  ====================================================================================  =========
 
-next_item (opt-in) is top-K for the item-prediction head (``CKFModel.item_logits``): no candidates in the
+next_item (opt-in) is top-K for the item-prediction head (``CKFModel.item_embeddings``): no candidates in the
 prompt, no target items, label = the true item's id; the head scores every item at the answer position.
 
 "sentence" is one sentence of the user's review of the target (``raw.review_sentence``: the first with at least

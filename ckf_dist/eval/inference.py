@@ -27,6 +27,7 @@ import pyarrow as pa
 import torch
 
 from ckf_dist.data.schema import TASK_IDS
+from ckf_dist.eval.metrics import catalogue_rank_range
 
 OUT_SCHEMA = pa.schema([
     ("sample_id", pa.string()), ("task_id", pa.int8()), ("user_id", pa.int64()), ("is_cold", pa.bool_()),
@@ -181,8 +182,8 @@ class CKFScorer:
         logits = out["item_logits"].cpu().numpy()
         for j, sample in enumerate(out["next_item_rows"].cpu().numpy()):
             i = int(np.asarray(rows)[src[sample]])
-            cols["catalogue_rank"][i] = list(_catalogue_rank(logits[j], int(cols["label"][i]),
-                                                              tok["history_item_ids"][i]))
+            cols["catalogue_rank"][i] = list(catalogue_rank_range(logits[j], int(cols["label"][i]),
+                                                                  tok["history_item_ids"][i]))
             cols["loss"][i] = float(out["row_loss"][sample])
             _candidate_scores(cols, batch, i, logits[j])
 
@@ -283,7 +284,7 @@ class CFScorer:
             t, u = cols["task_id"][i], cols["user_id"][i]
             if t == NEXT_ITEM:  # u.v of every catalogue item (the fallback row excluded)
                 dots = self.dot([u] * (self.items.shape[0] - 1), np.arange(self.items.shape[0] - 1))
-                cols["catalogue_rank"][i] = list(_catalogue_rank(dots, int(cols["label"][i]), histories[i]))
+                cols["catalogue_rank"][i] = list(catalogue_rank_range(dots, int(cols["label"][i]), histories[i]))
                 _candidate_scores(cols, batch, i, dots)
                 continue
             s = self.dot([u] * len(targets[i]), targets[i])
@@ -307,12 +308,6 @@ def cf_dot(user_table: np.ndarray, item_table: np.ndarray, users: np.ndarray, it
     u = np.where((users >= 0) & (users < fu), users, fu)
     v = np.where((items >= 0) & (items < fi), items, fi)
     return np.einsum("nd,nd->n", user_table[u], item_table[v]).astype(np.float64)
-
-
-def _catalogue_rank(scores: np.ndarray, label: int, history) -> tuple[int, int]:
-    from ckf_dist.eval.metrics import catalogue_rank_range
-
-    return catalogue_rank_range(scores, label, [int(h) for h in history])
 
 
 def _candidate_scores(cols: dict, batch: pa.Table, i: int, scores: np.ndarray) -> None:

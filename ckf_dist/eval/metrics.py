@@ -16,6 +16,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 EPS = 1e-7
+UNRANKED = (10**9, 0)  # catalogue_metrics: the rank range of a row that could not be scored (a miss at every k)
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
 
@@ -84,11 +85,13 @@ def catalogue_rank_range(scores: Sequence[float], label: int, exclude: Iterable[
     return int((s > sp).sum()), int((s == sp).sum()) - 1
 
 
-def catalogue_metrics(ranges: Iterable[tuple[int, int]], ks: Sequence[int] = (1, 5, 10, 20),
+def catalogue_metrics(ranges: Iterable[Optional[tuple[int, int]]], ks: Sequence[int] = (1, 5, 10, 20),
                       ndcg_ks: Sequence[int] = (5, 10, 20)) -> dict[str, float]:
     """Full-catalogue HR@k, Recall@k, NDCG@k and MRR from ``catalogue_rank_range`` per row. With one held-out
-    item per row (leave-last-out), Recall@k (relevant items found / relevant items) equals HR@k."""
-    out = rank_range_metrics(ranges, ks, ndcg_ks)
+    item per row (leave-last-out), Recall@k (relevant items found / relevant items) equals HR@k. A row without
+    a rank (None: its answer was cut off by ``data.max_seq_len``, so the head had no position to score) counts
+    as a miss, not dropped."""
+    out = rank_range_metrics((UNRANKED if r is None else tuple(r) for r in ranges), ks, ndcg_ks)
     out.update({f"recall@{k}": out[f"hr@{k}"] for k in ks if f"hr@{k}" in out})
     return out
 

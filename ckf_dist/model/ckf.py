@@ -119,7 +119,7 @@ class CKFModel(nn.Module):
         fallback = rows - 1
         return torch.where((ids >= 0) & (ids < fallback), ids, torch.full_like(ids, fallback))
 
-    def _rows(self, kind: str, ids: torch.Tensor, rows: int) -> torch.Tensor:
+    def _rows(self, kind: int, ids: torch.Tensor, rows: int) -> torch.Tensor:
         """Row indices for user (``kind`` 0) or item (1) ``ids`` in a table of ``rows`` rows: fallback for ids it
         does not cover, then the permuted-CF control's order when set."""
         safe = self._safe_ids(ids, rows)
@@ -167,10 +167,6 @@ class CKFModel(nn.Module):
         n = self.item_table.shape[0] - 1
         return self.item_proj(self._item_cf(torch.arange(n, device=self.item_table.device)))
 
-    def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] (states at answer positions) -> [N, I] fp32 scores of every catalogue item."""
-        weights = self.item_embeddings()
-        return hidden.float() @ weights.float().t()
 
     def embed_with_soft_tokens(self, input_ids: torch.Tensor, n_targets: torch.Tensor, user_ids: torch.Tensor,
                                history: torch.Tensor, targets: torch.Tensor, is_hybrid: torch.Tensor,
